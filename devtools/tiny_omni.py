@@ -87,9 +87,9 @@ def write_tiny_omni(out: Path, seed: int = 0) -> Path:
         Qwen2_5OmniConfig,
         Qwen2_5OmniForConditionalGeneration,
         Qwen2_5OmniProcessor,
+        Qwen2TokenizerFast,
         Qwen2VLImageProcessor,
         Qwen2VLVideoProcessor,
-        Qwen2TokenizerFast,
         WhisperFeatureExtractor,
     )
 

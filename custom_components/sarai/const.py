@@ -1,0 +1,44 @@
+"""Constants for SARAi."""
+
+from __future__ import annotations
+
+import logging
+
+DOMAIN = "sarai"
+LOGGER = logging.getLogger(__package__)
+
+CONF_GGUF_MODEL = "gguf_model"
+CONF_MMPROJ_MODEL = "mmproj_model"
+CONF_OMNI_MODEL = "omni_model"
+CONF_MEMORY_BUDGET_MB = "memory_budget_mb"
+CONF_SOLAR_URL = "solar_url"
+CONF_SOLAR_API_KEY = "solar_api_key"
+
+CONF_PROMPT = "prompt"
+CONF_TEMPERATURE = "temperature"
+CONF_MAX_TOKENS = "max_tokens"
+CONF_CONTEXT_SIZE = "context_size"
+CONF_WARMUP = "warmup"
+CONF_IDLE_UNLOAD_MINUTES = "idle_unload_minutes"
+CONF_ROUTING_MODE = "routing_mode"
+CONF_VOICE = "voice"
+CONF_LLM_HASS_API = "llm_hass_api"
+
+DEFAULT_MEMORY_BUDGET_MB = 12000
+DEFAULT_PROMPT = (
+    "Eres SARAi, el asistente privado del hogar. Responde breve y en el idioma del usuario. "
+    "You are SARAi, the household's private assistant: answer briefly, in the user's language."
+)
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_CONTEXT_SIZE = 8192
+DEFAULT_WARMUP = False
+DEFAULT_IDLE_UNLOAD_MINUTES = 0
+DEFAULT_VOICE = "Chelsie"
+VOICES = ["Chelsie", "Ethan"]
+ROUTING_MODES = ["auto", "local", "remote"]
+
+MAX_TOOL_ITERATIONS = 10
+STT_MAX_SECONDS = 60
+# Languages Qwen2.5-Omni handles well in speech and text (es and en first for our household).
+LANGUAGES = ["es", "en", "zh", "fr", "de", "it", "pt", "ja", "ko", "ru"]

@@ -1,0 +1,299 @@
+"""SaraiEngine: the one object the Home Assistant platforms talk to."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field
+import logging
+import threading
+import time
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from . import audio as audio_mod
+from .errors import (
+    ContextOverflow,
+    EngineError,
+    InsufficientMemory,
+    ModelCorrupt,
+    ModelMissing,
+    RemoteAuthError,
+    RemoteError,
+    UnsupportedModality,
+)
+from .llama_backend import LlamaBackend
+from .manager import Backend, ModelManager, process_rss_bytes
+from .models import MB
+from .omni_backend import OmniBackend, load_image
+from .router import CircuitBreaker, Decision, RoutingRules, decide
+from .solar import SolarClient
+from .tools import ToolCallStreamParser
+from .types import ChatDelta, ChatMessage, ChatRequest, EngineStatus
+
+_LOGGER = logging.getLogger(__name__)
+
+TEXT = "text"
+OMNI = "omni"
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything the engine needs, as plain values."""
+
+    gguf_model: str
+    mmproj_model: str | None = None
+    omni_model: str | None = None
+    memory_budget_mb: int = 12000
+    n_ctx: int = 8192
+    n_threads: int | None = None
+    omni_dtype: str = "auto"
+    omni_int8: bool = False
+    solar_url: str | None = None
+    solar_api_key: str | None = None
+    routing_mode: str = "auto"
+    breaker_threshold: int = 3
+    breaker_cooldown_s: float = 60.0
+    request_timeout_s: float = 120.0
+    rules: RoutingRules = field(default_factory=RoutingRules)
+
+
+@dataclass(slots=True)
+class RouteInfo:
+    """The route a turn took, and why (shown in debug data, diagnostics and a sensor)."""
+
+    route: str = "local"
+    reason: str = ""
+    fallback: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    duration_s: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON view."""
+        return {"route": self.route, "reason": self.reason, "fallback": self.fallback, "duration_s": self.duration_s}
+
+
+class SaraiEngine:
+    """Model manager + router + SOLAR client behind one async API of plain values."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        session: aiohttp.ClientSession | None = None,
+        on_remote_auth_error: Callable[[], None] | None = None,
+    ) -> None:
+        """Validate the configured files (raises ModelMissing / ModelCorrupt) and build backends."""
+        self.config = config
+        backends: list[Backend] = [LlamaBackend(TEXT, config.gguf_model, config.n_ctx, config.n_threads)]
+        if config.omni_model:
+            backends.append(OmniBackend(OMNI, config.omni_model, config.omni_dtype, config.omni_int8))
+        self.manager = ModelManager(backends, config.memory_budget_mb)
+        self.solar: SolarClient | None = None
+        if config.solar_url and session is not None:
+            self.solar = SolarClient(session, config.solar_url, config.solar_api_key)
+        self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown_s)
+        self.last_route: RouteInfo | None = None
+        self._on_auth_error = on_remote_auth_error
+        self._remote_down_logged = False
+
+    # -- capabilities -------------------------------------------------------------------
+
+    @property
+    def capabilities(self) -> list[str]:
+        """What the configured models can do."""
+        caps = ["chat"]
+        if self.manager.has(OMNI):
+            caps += ["hear", "see", "speak", "video"]
+        if self.solar is not None:
+            caps.append("remote")
+        return caps
+
+    def can(self, capability: str) -> bool:
+        """Whether a capability is available."""
+        return capability in self.capabilities
+
+    def _require(self, capability: str) -> None:
+        if not self.can(capability):
+            raise UnsupportedModality(
+                f"{capability} is not available: configure the Omni checkpoint (omni_model)",
+                capability=capability,
+            )
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def warmup(self) -> None:
+        """Preload the text model (cold-start mitigation)."""
+        await self.manager.warmup([TEXT])
+
+    async def close(self) -> None:
+        """Unload every backend and stop worker threads."""
+        await self.manager.close()
+
+    async def unload_idle(self, max_idle_s: float) -> list[str]:
+        """Unload backends idle for ``max_idle_s``."""
+        return await self.manager.unload_idle(max_idle_s)
+
+    # -- text ----------------------------------------------------------------------------
+
+    async def chat_local(self, request: ChatRequest) -> AsyncIterator[ChatDelta]:
+        """Stream a local answer; Qwen <tool_call> blocks come out as ToolCall values."""
+        llama = self.manager.backend(TEXT)
+        assert isinstance(llama, LlamaBackend)
+
+        def work(emit: Callable[[Any], None], stop: threading.Event) -> None:
+            llama.chat(request, emit, stop)
+
+        parser = ToolCallStreamParser()
+        stream = self.manager.stream(TEXT, work, request.timeout_s)
+        assert isinstance(stream, AsyncGenerator)
+        try:
+            async for text in stream:
+                delta = parser.feed(text)
+                if delta.content or delta.tool_calls:
+                    yield delta
+        finally:
+            await stream.aclose()
+        tail = parser.finish()
+        if tail.content or tail.tool_calls:
+            yield tail
+
+    def decide(self, text: str) -> Decision:
+        """Routing decision for a user text (pure; see router.py)."""
+        return decide(text, self.config.routing_mode, self.config.rules, self.solar is not None)
+
+    async def chat(self, request: ChatRequest, route: RouteInfo) -> AsyncIterator[ChatDelta]:
+        """Stream an answer on the route in ``route`` (filled by ``decide``), with fallback both ways."""
+        self.last_route = route
+        try:
+            if route.route == "remote":
+                async for delta in self._chat_remote_with_fallback(request, route):
+                    yield delta
+            else:
+                async for delta in self._chat_local_with_fallback(request, route):
+                    yield delta
+        finally:
+            route.duration_s = round(time.monotonic() - route.started, 4)
+
+    async def _chat_remote_with_fallback(self, request: ChatRequest, route: RouteInfo) -> AsyncIterator[ChatDelta]:
+        assert self.solar is not None
+        if not self.breaker.allow():
+            route.route, route.fallback = "local", f"circuit breaker open: {self.breaker.last_error}"
+            async for delta in self.chat_local(request):
+                yield delta
+            return
+        started = False
+        try:
+            async for delta in self.solar.chat_stream(request):
+                started = True
+                yield delta
+        except RemoteError as err:
+            if isinstance(err, RemoteAuthError) and self._on_auth_error is not None:
+                self._on_auth_error()
+            if self.breaker.failure(str(err)) or not self._remote_down_logged:
+                _LOGGER.warning("SOLAR server failed, answering locally: %s", err)
+                self._remote_down_logged = True
+            if started:
+                raise
+            route.route, route.fallback = "local", f"remote failed: {err}"
+            async for delta in self.chat_local(request):
+                yield delta
+            return
+        self.breaker.success()
+        if self._remote_down_logged:
+            _LOGGER.info("SOLAR server is answering again")
+            self._remote_down_logged = False
+
+    async def _chat_local_with_fallback(self, request: ChatRequest, route: RouteInfo) -> AsyncIterator[ChatDelta]:
+        started = False
+        try:
+            async for delta in self.chat_local(request):
+                started = True
+                yield delta
+        except (InsufficientMemory, ContextOverflow, ModelMissing, ModelCorrupt) as err:
+            if started or self.solar is None or not self.breaker.allow() or self.config.routing_mode == "local":
+                raise
+            route.route, route.fallback = "remote", f"local failed: {err}"
+            async for delta in self._chat_remote_with_fallback_no_local(request):
+                yield delta
+
+    async def _chat_remote_with_fallback_no_local(self, request: ChatRequest) -> AsyncIterator[ChatDelta]:
+        assert self.solar is not None
+        try:
+            async for delta in self.solar.chat_stream(request):
+                yield delta
+        except RemoteError as err:
+            self.breaker.failure(str(err))
+            raise
+        self.breaker.success()
+
+    # -- hearing, seeing, speaking, video -----------------------------------------------
+
+    async def transcribe(self, samples: np.ndarray, rate: int, language: str) -> str:
+        """Speech (any rate, mono float) -> text; > 30 s is chunked."""
+        self._require("hear")
+        audio16 = audio_mod.to_hearing_input(samples, rate)
+        omni = self.manager.backend(OMNI)
+        assert isinstance(omni, OmniBackend)
+        parts: list[str] = []
+        for chunk in audio_mod.chunks_30s(audio16):
+
+            def run(stop: threading.Event, c: np.ndarray = chunk) -> str:
+                return omni.transcribe(c, language, stop)
+
+            parts.append(await self.manager.call(OMNI, run, self.config.request_timeout_s))
+        return " ".join(p for p in parts if p).strip()
+
+    async def describe_image(self, image: bytes, prompt: str, max_tokens: int = 128) -> str:
+        """Image bytes + question -> text."""
+        self._require("see")
+        img = load_image(image)
+        omni = self.manager.backend(OMNI)
+        assert isinstance(omni, OmniBackend)
+        return await self.manager.call(
+            OMNI, lambda stop: omni.describe_image(img, prompt, stop, max_tokens), self.config.request_timeout_s
+        )
+
+    async def describe_video(
+        self, frames: np.ndarray, fps: float, audio16: np.ndarray | None, prompt: str, max_tokens: int = 256
+    ) -> str:
+        """Frames + audio (TMRoPE) -> text."""
+        self._require("video")
+        omni = self.manager.backend(OMNI)
+        assert isinstance(omni, OmniBackend)
+        return await self.manager.call(
+            OMNI,
+            lambda stop: omni.describe_video(frames, fps, audio16, prompt, stop, max_tokens),
+            self.config.request_timeout_s,
+        )
+
+    async def speak(self, text: str, voice: str) -> bytes:
+        """Text -> 24 kHz mono 16-bit PCM."""
+        self._require("speak")
+        omni = self.manager.backend(OMNI)
+        assert isinstance(omni, OmniBackend)
+        wav = await self.manager.call(OMNI, lambda stop: omni.speak(text, voice, stop), self.config.request_timeout_s)
+        return audio_mod.float_to_pcm16(wav)
+
+    # -- status ---------------------------------------------------------------------------
+
+    def status(self) -> EngineStatus:
+        """A serialisable snapshot."""
+        backends = self.manager.status()
+        if any(b.busy for b in backends):
+            state = "busy"
+        elif any(b.loaded for b in backends):
+            state = "ready"
+        else:
+            state = "idle"
+        return EngineStatus(
+            state=state,
+            budget_mb=self.config.memory_budget_mb,
+            used_estimated_mb=self.manager.used_bytes() // MB,
+            rss_mb=process_rss_bytes() // MB,
+            backends=backends,
+            capabilities=self.capabilities,
+        )
+
+
+__all__ = ["ChatMessage", "EngineConfig", "EngineError", "RouteInfo", "SaraiEngine"]
