@@ -112,7 +112,13 @@ def write_tiny_gguf(
     kv = n_head_kv * head_dim
     writer.add_tensor("token_embd.weight", rand(n_vocab, n_embd, scale=0.5))
     writer.add_tensor("output_norm.weight", ones(n_embd))
-    writer.add_tensor("output.weight", rand(n_vocab, n_embd, scale=0.5))
+    output = rand(n_vocab, n_embd, scale=0.5)
+    # End-of-turn tokens get a zero logit (near the median of random logits), so greedy
+    # decoding of this random model answers with its full max_tokens instead of stopping
+    # at once: the tests then always see a non-empty answer.
+    for special in ("<|im_end|>", "<|endoftext|>"):
+        output[tokens.index(special)] = 0
+    writer.add_tensor("output.weight", output)
     for i in range(n_layer):
         b = f"blk.{i}"
         writer.add_tensor(f"{b}.attn_norm.weight", ones(n_embd))

@@ -63,7 +63,7 @@ def chat_log_messages(chat_log: conversation.ChatLog) -> list[ChatMessage]:
             messages.append(
                 ChatMessage(
                     "tool",
-                    json.dumps(content.tool_result, default=str, ensure_ascii=False),
+                    json.dumps(content.result.data, default=str, ensure_ascii=False),
                     tool_call_id=content.tool_call_id,
                     name=content.tool_name,
                 )
@@ -160,5 +160,7 @@ class SaraiConversationEntity(conversation.ConversationEntity, AbstractConversat
             except EngineError as err:
                 raise to_ha_error(err) from err
             if not chat_log.unresponded_tool_results:
+                if not isinstance(chat_log.content[-1], conversation.AssistantContent):
+                    raise HomeAssistantError(translation_domain=DOMAIN, translation_key="empty_response")
                 return
         raise HomeAssistantError(translation_domain=DOMAIN, translation_key="too_many_tool_calls")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 import logging
 import threading
 import time
@@ -218,14 +218,20 @@ class ModelManager:
             else:
                 put("end", None)
 
-        def done(_fut: Future[None] | asyncio.Future[None]) -> None:
-            slot.backend.last_used = time.monotonic()
-            self._note_rss()
-            loop.call_soon_threadsafe(slot.lock.release)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                slot.backend.last_used = time.monotonic()
+                self._note_rss()
+                slot.lock.release()
 
         slot.backend.last_used = time.monotonic()
         fut = loop.run_in_executor(slot.executor, run)
-        fut.add_done_callback(done)
+        # If the consumer goes away (cancelled), the backend is released when the thread returns.
+        fut.add_done_callback(lambda _f: release())
         try:
             while True:
                 try:
@@ -235,10 +241,12 @@ class ModelManager:
                     raise RequestTimeout(f"{name} did not finish within {timeout_s} s", timeout_s=timeout_s) from err
                 if kind == "item":
                     yield value
-                elif kind == "error":
+                    continue
+                await fut
+                release()
+                if kind == "error":
                     raise value
-                else:
-                    return
+                return
         finally:
             stop.set()
 

@@ -1,0 +1,152 @@
+"""Fixtures: tiny real models built once per session, a scripted OpenAI-compatible server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+import json
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+import pytest
+from pytest_homeassistant_custom_component.common import MockConfigEntry
+
+from custom_components.sarai.const import DOMAIN
+from devtools.tiny_gguf import write_tiny_gguf
+
+
+@pytest.fixture(autouse=True)
+def auto_enable_custom_integrations(enable_custom_integrations: None) -> None:
+    """Load custom_components/sarai in every test."""
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny GGUF + tiny Omni checkpoint, built once."""
+    from devtools.tiny_omni import write_tiny_omni
+
+    root = tmp_path_factory.mktemp("models")
+    write_tiny_gguf(root / "tiny.gguf")
+    write_tiny_gguf(root / "tiny-qwen2.gguf", arch="qwen2", seed=1)
+    write_tiny_omni(root / "omni")
+    return root
+
+
+@pytest.fixture
+def gguf_path(models_dir: Path) -> str:
+    """Path of the tiny text GGUF."""
+    return str(models_dir / "tiny.gguf")
+
+
+@pytest.fixture
+def omni_path(models_dir: Path) -> str:
+    """Path of the tiny Omni checkpoint."""
+    return str(models_dir / "omni")
+
+
+@pytest.fixture
+def make_entry(gguf_path: str) -> Callable[..., MockConfigEntry]:
+    """Build a config entry for the tiny models."""
+
+    def _make(data: dict[str, Any] | None = None, options: dict[str, Any] | None = None) -> MockConfigEntry:
+        return MockConfigEntry(
+            domain=DOMAIN,
+            title="SARAi",
+            unique_id=DOMAIN,
+            data={"gguf_model": gguf_path, "memory_budget_mb": 12000, **(data or {})},
+            options={"context_size": 16384, "max_tokens": 24, "temperature": 0.0, **(options or {})},
+        )
+
+    return _make
+
+
+class ScriptedSolar:
+    """An OpenAI-compatible server on 127.0.0.1 whose answers the test scripts."""
+
+    def __init__(self) -> None:
+        self.replies: list[dict[str, Any]] = []
+        self.requests: list[dict[str, Any]] = []
+        self.models_status = 200
+        self.api_key: str | None = None
+        self.url = ""
+
+    def _auth_ok(self, request: web.Request) -> bool:
+        return self.api_key is None or request.headers.get("Authorization") == f"Bearer {self.api_key}"
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        if not self._auth_ok(request):
+            return web.json_response({"error": "bad key"}, status=401)
+        if self.models_status != 200:
+            return web.Response(status=self.models_status, text="nope")
+        return web.json_response({"object": "list", "data": [{"id": "solar-test", "object": "model"}]})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        if not self._auth_ok(request):
+            return web.json_response({"error": "bad key"}, status=401)
+        reply = self.replies.pop(0) if self.replies else {"text": "respuesta remota"}
+        if "status" in reply:
+            return web.Response(status=reply["status"], text="server error")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+
+        async def send(obj: Any) -> None:
+            await resp.write(f"data: {json.dumps(obj)}\n\n".encode())
+
+        if "raw" in reply:
+            await resp.write(reply["raw"].encode())
+            return resp
+        if "tool_call" in reply:
+            name, args = reply["tool_call"]
+            await send(
+                {
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {
+                                "tool_calls": [
+                                    {
+                                        "index": 0,
+                                        "id": "call_1",
+                                        "type": "function",
+                                        "function": {"name": name, "arguments": json.dumps(args)},
+                                    }
+                                ]
+                            },
+                        }
+                    ]
+                }
+            )
+            await send({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+        else:
+            for word in reply["text"].split(" "):
+                await send({"choices": [{"index": 0, "delta": {"content": word + " "}}]})
+            await send({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+
+@pytest.fixture
+async def solar(socket_enabled: None) -> AsyncIterator[ScriptedSolar]:
+    """Start the scripted server on 127.0.0.1."""
+    server = ScriptedSolar()
+    app = web.Application()
+    app.router.add_get("/v1/models", server.models)
+    app.router.add_post("/v1/chat/completions", server.chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    server.url = f"http://127.0.0.1:{port}/v1"
+    yield server
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def ha_core(hass: Any) -> None:
+    """Home Assistant's core integration (exposed entities), which conversation needs."""
+    from homeassistant.setup import async_setup_component
+
+    assert await async_setup_component(hass, "homeassistant", {})

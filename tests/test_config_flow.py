@@ -1,0 +1,174 @@
+"""Config, options, reconfigure and reauth flows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from homeassistant import config_entries
+from homeassistant.core import HomeAssistant
+from homeassistant.data_entry_flow import FlowResultType
+import pytest
+
+from custom_components.sarai.const import DOMAIN
+
+pytestmark = pytest.mark.usefixtures("ha_core")
+
+
+async def _start(hass: HomeAssistant) -> str:
+    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": config_entries.SOURCE_USER})
+    assert result["type"] is FlowResultType.FORM
+    return str(result["flow_id"])
+
+
+async def test_user_flow_creates_entry(hass: HomeAssistant, gguf_path: str, omni_path: str) -> None:
+    """Valid paths create the entry; the entry sets up."""
+    flow_id = await _start(hass)
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, {"gguf_model": gguf_path, "omni_model": omni_path, "memory_budget_mb": 12000}
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["data"] == {"gguf_model": gguf_path, "omni_model": omni_path, "memory_budget_mb": 12000}
+    await hass.async_block_till_done()
+    entry = hass.config_entries.async_entries(DOMAIN)[0]
+    assert entry.state is config_entries.ConfigEntryState.LOADED
+    assert await hass.config_entries.async_unload(entry.entry_id)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("gguf_model", "/nonexistent/model.gguf", "gguf_not_found"),
+        ("gguf_model", "NOT_A_GGUF", "gguf_invalid"),
+        ("gguf_model", "WRONG_ARCH", "gguf_architecture"),
+        ("mmproj_model", "/nonexistent/mmproj.gguf", "mmproj_not_found"),
+        ("mmproj_model", "TEXT_GGUF", "mmproj_invalid"),
+        ("omni_model", "/nonexistent/omni", "omni_not_found"),
+        ("omni_model", "NOT_OMNI", "omni_invalid"),
+    ],
+)
+async def test_user_flow_errors_then_recovers(
+    hass: HomeAssistant, tmp_path: Path, gguf_path: str, field: str, value: str, error: str
+) -> None:
+    """Each bad value gets its own error; fixing it completes the flow."""
+    from devtools.tiny_gguf import write_tiny_gguf
+
+    if value == "NOT_A_GGUF":
+        (tmp_path / "x.gguf").write_bytes(b"JPEG....")
+        value = str(tmp_path / "x.gguf")
+    elif value == "WRONG_ARCH":
+        value = str(write_tiny_gguf(tmp_path / "llama.gguf", arch="llama"))
+    elif value == "TEXT_GGUF":
+        value = gguf_path
+    elif value == "NOT_OMNI":
+        (tmp_path / "omni").mkdir()
+        (tmp_path / "omni" / "config.json").write_text('{"model_type": "llama"}')
+        value = str(tmp_path / "omni")
+    data = {"gguf_model": gguf_path, "memory_budget_mb": 12000, field: value}
+    flow_id = await _start(hass)
+    result = await hass.config_entries.flow.async_configure(flow_id, data)
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {field: error}
+    data.pop(field) if field != "gguf_model" else data.update(gguf_model=gguf_path)
+    result = await hass.config_entries.flow.async_configure(flow_id, data)
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    await hass.async_block_till_done()
+    assert await hass.config_entries.async_unload(hass.config_entries.async_entries(DOMAIN)[0].entry_id)
+
+
+async def test_solar_url_errors(hass: HomeAssistant, gguf_path: str, solar) -> None:
+    """cannot_connect, invalid_auth and not_openai are separate errors."""
+    flow_id = await _start(hass)
+    base = {"gguf_model": gguf_path, "memory_budget_mb": 12000}
+    result = await hass.config_entries.flow.async_configure(flow_id, {**base, "solar_url": "http://127.0.0.1:1/v1"})
+    assert result["errors"] == {"solar_url": "cannot_connect"}
+    solar.api_key = "good"
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, {**base, "solar_url": solar.url, "solar_api_key": "bad"}
+    )
+    assert result["errors"] == {"solar_url": "invalid_auth"}
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, {**base, "solar_url": solar.url.replace("/v1", "/v1/chat"), "solar_api_key": "good"}
+    )
+    assert result["errors"] == {"solar_url": "cannot_connect"}
+    result = await hass.config_entries.flow.async_configure(
+        flow_id, {**base, "solar_url": solar.url, "solar_api_key": "good"}
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    await hass.async_block_till_done()
+    assert await hass.config_entries.async_unload(hass.config_entries.async_entries(DOMAIN)[0].entry_id)
+
+
+async def test_single_instance(hass: HomeAssistant, make_entry) -> None:
+    """A second entry aborts."""
+    make_entry().add_to_hass(hass)
+    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": config_entries.SOURCE_USER})
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "single_instance_allowed"
+
+
+async def test_options_flow(hass: HomeAssistant, make_entry) -> None:
+    """Options are saved and the entry reloads."""
+    entry = make_entry()
+    entry.add_to_hass(hass)
+    assert await hass.config_entries.async_setup(entry.entry_id)
+    result = await hass.config_entries.options.async_init(entry.entry_id)
+    assert result["type"] is FlowResultType.FORM
+    result = await hass.config_entries.options.async_configure(
+        result["flow_id"],
+        {
+            "prompt": "Hola",
+            "temperature": 0.2,
+            "max_tokens": 32,
+            "context_size": 1024,
+            "warmup": True,
+            "idle_unload_minutes": 5,
+            "routing_mode": "local",
+            "voice": "Ethan",
+            "llm_hass_api": [],
+        },
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    await hass.async_block_till_done()
+    assert entry.options["voice"] == "Ethan"
+    assert "llm_hass_api" not in entry.options
+    assert entry.state is config_entries.ConfigEntryState.LOADED
+    assert await hass.config_entries.async_unload(entry.entry_id)
+
+
+async def test_reconfigure(hass: HomeAssistant, make_entry, models_dir: Path) -> None:
+    """Reconfigure validates and updates the paths."""
+    entry = make_entry()
+    entry.add_to_hass(hass)
+    result = await entry.start_reconfigure_flow(hass)
+    assert result["step_id"] == "reconfigure"
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {"gguf_model": "/missing.gguf", "memory_budget_mb": 8000}
+    )
+    assert result["errors"] == {"gguf_model": "gguf_not_found"}
+    other = str(models_dir / "tiny-qwen2.gguf")
+    result = await hass.config_entries.flow.async_configure(
+        result["flow_id"], {"gguf_model": other, "memory_budget_mb": 8000}
+    )
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "reconfigure_successful"
+    await hass.async_block_till_done()
+    assert entry.data["gguf_model"] == other
+    assert entry.data["memory_budget_mb"] == 8000
+    assert await hass.config_entries.async_unload(entry.entry_id)
+
+
+async def test_reauth(hass: HomeAssistant, make_entry, solar) -> None:
+    """A rejected key is replaced through reauth."""
+    solar.api_key = "new"
+    entry = make_entry({"solar_url": solar.url, "solar_api_key": "old"})
+    entry.add_to_hass(hass)
+    result = await entry.start_reauth_flow(hass)
+    assert result["step_id"] == "reauth_confirm"
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], {"solar_api_key": "wrong"})
+    assert result["errors"] == {"base": "invalid_auth"}
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], {"solar_api_key": "new"})
+    assert result["type"] is FlowResultType.ABORT
+    assert result["reason"] == "reauth_successful"
+    await hass.async_block_till_done()
+    assert entry.data["solar_api_key"] == "new"
+    assert await hass.config_entries.async_unload(entry.entry_id)
