@@ -9,9 +9,11 @@ from homeassistant.config_entries import ConfigEntry
 from homeassistant.const import EVENT_HOMEASSISTANT_STOP, Platform
 from homeassistant.core import Event, HomeAssistant, callback
 from homeassistant.exceptions import ConfigEntryError
-from homeassistant.helpers import issue_registry as ir
+from homeassistant.helpers import config_validation as cv, issue_registry as ir
 from homeassistant.helpers.aiohttp_client import async_get_clientsession
 from homeassistant.helpers.event import async_track_time_interval
+from homeassistant.helpers.typing import ConfigType
+from homeassistant.setup import async_setup_component
 
 from .const import (
     CONF_CONTEXT_SIZE,
@@ -28,11 +30,14 @@ from .const import (
     DEFAULT_MEMORY_BUDGET_MB,
     DOMAIN,
     LOGGER,
+    SUBENTRY_CAMERA,
 )
 from .engine import EngineConfig, SaraiEngine
 from .engine.errors import ModelCorrupt, ModelMissing
+from .services import async_setup_services
 
-PLATFORMS = [Platform.CONVERSATION, Platform.SENSOR, Platform.STT, Platform.TTS]
+PLATFORMS = [Platform.AI_TASK, Platform.CONVERSATION, Platform.SENSOR, Platform.STT, Platform.TTS]
+CONFIG_SCHEMA = cv.config_entry_only_config_schema(DOMAIN)
 
 
 @dataclass
@@ -40,6 +45,7 @@ class SaraiData:
     """What a loaded entry holds."""
 
     engine: SaraiEngine
+    image_processing: bool = False
     listeners: list[object] = field(default_factory=list)
 
 
@@ -60,6 +66,12 @@ def engine_config(entry: ConfigEntry) -> EngineConfig:
         solar_api_key=data.get(CONF_SOLAR_API_KEY) or None,
         routing_mode=options.get(CONF_ROUTING_MODE, "auto" if solar_url else "local"),
     )
+
+
+async def async_setup(hass: HomeAssistant, config: ConfigType) -> bool:
+    """Register the actions (they answer with a clear error while no entry is loaded)."""
+    async_setup_services(hass)
+    return True
 
 
 async def async_setup_entry(hass: HomeAssistant, entry: SaraiConfigEntry) -> bool:
@@ -105,14 +117,37 @@ async def async_setup_entry(hass: HomeAssistant, entry: SaraiConfigEntry) -> boo
         entry.async_on_unload(async_track_time_interval(hass, _unload_idle, timedelta(minutes=1)))
 
     await hass.config_entries.async_forward_entry_setups(entry, PLATFORMS)
+    if any(s.subentry_type == SUBENTRY_CAMERA for s in entry.subentries.values()):
+        await _async_setup_image_processing(hass, entry)
+    entry.async_on_unload(entry.add_update_listener(_async_update_listener))
     if entry.options.get(CONF_WARMUP):
         entry.async_create_background_task(hass, engine.warmup(), "sarai warm-up")
     return True
 
 
+async def _async_setup_image_processing(hass: HomeAssistant, entry: SaraiConfigEntry) -> None:
+    """image_processing is YAML-only: hand our platform to its entity component for this entry."""
+    from homeassistant.components.image_processing.const import DATA_COMPONENT
+
+    if not await async_setup_component(hass, "image_processing", {}):
+        LOGGER.warning("image_processing could not be set up; camera analyses are off")
+        return
+    await hass.data[DATA_COMPONENT].async_setup_entry(entry)
+    entry.runtime_data.image_processing = True
+
+
+async def _async_update_listener(hass: HomeAssistant, entry: SaraiConfigEntry) -> None:
+    """Options, data or camera subentries changed: reload."""
+    await hass.config_entries.async_reload(entry.entry_id)
+
+
 async def async_unload_entry(hass: HomeAssistant, entry: SaraiConfigEntry) -> bool:
-    """Unload platforms and release every model."""
+    """Unload platforms (and the camera analyses) and release every model."""
     unloaded = await hass.config_entries.async_unload_platforms(entry, PLATFORMS)
+    if unloaded and entry.runtime_data.image_processing:
+        from homeassistant.components.image_processing.const import DATA_COMPONENT
+
+        unloaded = await hass.data[DATA_COMPONENT].async_unload_entry(entry)
     if unloaded:
         await entry.runtime_data.engine.close()
     return unloaded

@@ -9,14 +9,17 @@ from homeassistant.config_entries import (
     ConfigEntry,
     ConfigFlow,
     ConfigFlowResult,
+    ConfigSubentryFlow,
     OptionsFlow,
-    OptionsFlowWithReload,
+    SubentryFlowResult,
 )
 from homeassistant.core import HomeAssistant, callback
 from homeassistant.helpers import llm
 from homeassistant.helpers.aiohttp_client import async_get_clientsession
 from homeassistant.helpers.selector import (
     BooleanSelector,
+    EntitySelector,
+    EntitySelectorConfig,
     NumberSelector,
     NumberSelectorConfig,
     NumberSelectorMode,
@@ -32,6 +35,7 @@ from homeassistant.helpers.selector import (
 import probatio as vol
 
 from .const import (
+    CONF_CAMERA_ENTITY,
     CONF_CONTEXT_SIZE,
     CONF_GGUF_MODEL,
     CONF_IDLE_UNLOAD_MINUTES,
@@ -42,11 +46,13 @@ from .const import (
     CONF_OMNI_MODEL,
     CONF_PROMPT,
     CONF_ROUTING_MODE,
+    CONF_SCAN_INTERVAL_MINUTES,
     CONF_SOLAR_API_KEY,
     CONF_SOLAR_URL,
     CONF_TEMPERATURE,
     CONF_VOICE,
     CONF_WARMUP,
+    DEFAULT_CAMERA_PROMPT,
     DEFAULT_CONTEXT_SIZE,
     DEFAULT_IDLE_UNLOAD_MINUTES,
     DEFAULT_MAX_TOKENS,
@@ -56,7 +62,9 @@ from .const import (
     DEFAULT_VOICE,
     DEFAULT_WARMUP,
     DOMAIN,
+    MIN_SCAN_INTERVAL_MINUTES,
     ROUTING_MODES,
+    SUBENTRY_CAMERA,
     VOICES,
 )
 from .engine.errors import ModelCorrupt, ModelMissing, RemoteAuthError, RemoteError, RemoteProtocolError
@@ -163,7 +171,7 @@ class SaraiConfigFlow(ConfigFlow, domain=DOMAIN):
         if user_input is not None:
             errors, _ = await validate_input(self.hass, user_input)
             if not errors:
-                return self.async_update_reload_and_abort(entry, data=_clean(user_input))
+                return self.async_update_and_abort(entry, data=_clean(user_input))
         return self.async_show_form(
             step_id="reconfigure", data_schema=_user_schema(user_input or entry.data), errors=errors
         )
@@ -181,7 +189,7 @@ class SaraiConfigFlow(ConfigFlow, domain=DOMAIN):
             if error := await _validate_solar(self.hass, entry.data[CONF_SOLAR_URL], key):
                 errors["base"] = error
             else:
-                return self.async_update_reload_and_abort(entry, data_updates={CONF_SOLAR_API_KEY: key or ""})
+                return self.async_update_and_abort(entry, data_updates={CONF_SOLAR_API_KEY: key or ""})
         return self.async_show_form(
             step_id="reauth_confirm",
             data_schema=vol.Schema(
@@ -191,6 +199,12 @@ class SaraiConfigFlow(ConfigFlow, domain=DOMAIN):
             description_placeholders={"url": entry.data.get(CONF_SOLAR_URL, "")},
         )
 
+    @classmethod
+    @callback
+    def async_get_supported_subentry_types(cls, config_entry: ConfigEntry) -> dict[str, type[ConfigSubentryFlow]]:
+        """Camera analyses are subentries: one image-processing entity each."""
+        return {SUBENTRY_CAMERA: CameraSubentryFlow}
+
     @staticmethod
     @callback
     def async_get_options_flow(config_entry: ConfigEntry) -> OptionsFlow:
@@ -198,8 +212,8 @@ class SaraiConfigFlow(ConfigFlow, domain=DOMAIN):
         return SaraiOptionsFlow()
 
 
-class SaraiOptionsFlow(OptionsFlowWithReload):
-    """SARAi options; the entry reloads when they change."""
+class SaraiOptionsFlow(OptionsFlow):
+    """SARAi options; the entry's update listener reloads it when they change."""
 
     async def async_step_init(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
         """Show and save the options."""
@@ -243,3 +257,73 @@ class SaraiOptionsFlow(OptionsFlowWithReload):
             }
         )
         return self.async_show_form(step_id="init", data_schema=schema)
+
+
+def _camera_schema(defaults: Mapping[str, Any]) -> vol.Schema:
+    return vol.Schema(
+        {
+            vol.Required(CONF_CAMERA_ENTITY, default=defaults.get(CONF_CAMERA_ENTITY, vol.UNDEFINED)): EntitySelector(
+                EntitySelectorConfig(domain="camera")
+            ),
+            vol.Required(CONF_PROMPT, default=defaults.get(CONF_PROMPT, DEFAULT_CAMERA_PROMPT)): TextSelector(
+                TextSelectorConfig(multiline=True)
+            ),
+            vol.Required(
+                CONF_SCAN_INTERVAL_MINUTES, default=defaults.get(CONF_SCAN_INTERVAL_MINUTES, 0)
+            ): NumberSelector(NumberSelectorConfig(min=0, max=1440, step=1, mode=NumberSelectorMode.BOX)),
+        }
+    )
+
+
+class CameraSubentryFlow(ConfigSubentryFlow):
+    """Add or change a camera analysis (camera + question + optional interval)."""
+
+    async def async_step_user(self, user_input: dict[str, Any] | None = None) -> SubentryFlowResult:
+        """Pick a camera and a question."""
+        entry = self._get_entry()
+        errors: dict[str, str] = {}
+        if user_input is not None:
+            if error := self._check(user_input):
+                errors[CONF_SCAN_INTERVAL_MINUTES] = error
+            elif any(
+                s.data.get(CONF_CAMERA_ENTITY) == user_input[CONF_CAMERA_ENTITY]
+                and s.data.get(CONF_PROMPT) == user_input[CONF_PROMPT]
+                for s in entry.subentries.values()
+            ):
+                return self.async_abort(reason="already_configured")
+            else:
+                return self.async_create_entry(title=self._title(user_input), data=self._data(user_input))
+        return self.async_show_form(step_id="user", data_schema=_camera_schema(user_input or {}), errors=errors)
+
+    async def async_step_reconfigure(self, user_input: dict[str, Any] | None = None) -> SubentryFlowResult:
+        """Change the camera, question or interval."""
+        subentry = self._get_reconfigure_subentry()
+        errors: dict[str, str] = {}
+        if user_input is not None:
+            if error := self._check(user_input):
+                errors[CONF_SCAN_INTERVAL_MINUTES] = error
+            else:
+                return self.async_update_and_abort(
+                    self._get_entry(), subentry, title=self._title(user_input), data=self._data(user_input)
+                )
+        return self.async_show_form(
+            step_id="reconfigure", data_schema=_camera_schema(user_input or subentry.data), errors=errors
+        )
+
+    @staticmethod
+    def _check(user_input: Mapping[str, Any]) -> str | None:
+        minutes = int(user_input.get(CONF_SCAN_INTERVAL_MINUTES, 0))
+        return "interval_too_short" if 0 < minutes < MIN_SCAN_INTERVAL_MINUTES else None
+
+    @staticmethod
+    def _data(user_input: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            CONF_CAMERA_ENTITY: user_input[CONF_CAMERA_ENTITY],
+            CONF_PROMPT: str(user_input[CONF_PROMPT]).strip(),
+            CONF_SCAN_INTERVAL_MINUTES: int(user_input.get(CONF_SCAN_INTERVAL_MINUTES, 0)),
+        }
+
+    def _title(self, user_input: Mapping[str, Any]) -> str:
+        state = self.hass.states.get(user_input[CONF_CAMERA_ENTITY])
+        name = state.name if state is not None else user_input[CONF_CAMERA_ENTITY]
+        return f"{name} analysis"

@@ -42,3 +42,16 @@ MAX_TOOL_ITERATIONS = 10
 STT_MAX_SECONDS = 60
 # Languages Qwen2.5-Omni handles well in speech and text (es and en first for our household).
 LANGUAGES = ["es", "en", "zh", "fr", "de", "it", "pt", "ja", "ko", "ru"]
+
+# Camera analyses (config subentries) and video events.
+SUBENTRY_CAMERA = "camera"
+CONF_CAMERA_ENTITY = "camera_entity"
+CONF_SCAN_INTERVAL_MINUTES = "scan_interval_minutes"
+MIN_SCAN_INTERVAL_MINUTES = 1
+DEFAULT_CAMERA_PROMPT = "Is there a person at the door? Answer yes or no, then say what you see."
+
+EVENT_IMAGE_ANALYZED = f"{DOMAIN}_image_analyzed"
+EVENT_VIDEO_EVENT = f"{DOMAIN}_video_event"
+EVENT_VIDEO_ANALYZED = f"{DOMAIN}_video_analyzed"
+EVENT_ROUTE = f"{DOMAIN}_route"
+SERVICE_ANALYZE_VIDEO = "analyze_video"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 import logging
@@ -23,8 +24,10 @@ from .errors import (
     RemoteError,
     UnsupportedModality,
 )
+from .events import DEFAULT_LABELS, event_prompt, event_schema, parse_events, video_question
 from .llama_backend import LlamaBackend
 from .manager import Backend, ModelManager, process_rss_bytes
+from .media import Clip, prepare_clip
 from .models import MB
 from .omni_backend import OmniBackend, load_image
 from .router import CircuitBreaker, Decision, RoutingRules, decide
@@ -274,6 +277,76 @@ class SaraiEngine:
         assert isinstance(omni, OmniBackend)
         wav = await self.manager.call(OMNI, lambda stop: omni.speak(text, voice, stop), self.config.request_timeout_s)
         return audio_mod.float_to_pcm16(wav)
+
+    async def analyze_clip(
+        self,
+        source: str,
+        *,
+        prompt: str = "",
+        duration_s: float = 6.0,
+        fps: float = 2.0,
+        with_audio: bool = True,
+        labels: list[str] | None = None,
+        timeout_s: float = 15.0,
+        max_pixels: int = 448 * 448,
+    ) -> dict[str, Any]:
+        """A clip (file or live URL) -> summary + validated events, with timings; plain values only."""
+        self._require("video")
+        labels = [label.strip() for label in (labels or DEFAULT_LABELS) if label.strip()]
+        t0 = time.monotonic()
+        clip: Clip = await asyncio.to_thread(prepare_clip, source, duration_s, fps, with_audio, max_pixels, timeout_s)
+        t1 = time.monotonic()
+        summary = await self.describe_video(
+            clip.frames, clip.fps, clip.audio, video_question(prompt, labels, clip.duration_s, clip.audio is not None)
+        )
+        t2 = time.monotonic()
+        events, warnings, extract_route = await self._extract_events(summary, labels, clip.duration_s)
+        t3 = time.monotonic()
+        return {
+            "summary": summary,
+            "events": events,
+            "frames": len(clip.frame_times),
+            "frame_times": [round(t, 3) for t in clip.frame_times],
+            "fps": clip.fps,
+            "audio_s": clip.audio_s,
+            "duration_s": round(clip.duration_s, 3),
+            "model": "qwen2.5-omni",
+            "route": "omni_video_audio" if clip.audio is not None else "omni_video_only",
+            "events_route": extract_route,
+            "warnings": clip.warnings + warnings,
+            "timings": {
+                "prepare_s": round(t1 - t0, 4),
+                "describe_s": round(t2 - t1, 4),
+                "events_s": round(t3 - t2, 4),
+                "total_s": round(t3 - t0, 4),
+            },
+        }
+
+    async def _extract_events(
+        self, summary: str, labels: list[str], duration_s: float
+    ) -> tuple[list[dict[str, Any]], list[str], str]:
+        """Structured events from the description: JSON-schema constrained, validated, retried once."""
+        decision = self.decide(summary)
+        schema = event_schema(labels)
+        messages = event_prompt(summary, labels, duration_s)
+        route = RouteInfo(route=decision.route, reason=decision.reason)
+        for attempt in (1, 2):
+            route = RouteInfo(route=decision.route, reason=decision.reason)
+            request = ChatRequest(messages=list(messages), max_tokens=384, temperature=0.0, json_schema=schema)
+            text = ""
+            try:
+                async for delta in self.chat(request, route):
+                    text += delta.content
+            except EngineError as err:
+                _LOGGER.warning("Event extraction failed (attempt %d): %s", attempt, err)
+                continue
+            try:
+                return parse_events(text, labels, duration_s), [], route.route
+            except ValueError as err:
+                _LOGGER.warning("Event JSON rejected (attempt %d): %s", attempt, err)
+                messages.append(ChatMessage("assistant", text))
+                messages.append(ChatMessage("user", f"Invalid: {err}. Answer again with valid JSON only."))
+        return [], ["the model did not return valid events; returned the summary only"], route.route
 
     # -- status ---------------------------------------------------------------------------
 

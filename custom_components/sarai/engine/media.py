@@ -1,0 +1,218 @@
+"""Clip preparation for time-aligned video analysis: frames sampled by timestamp + 16 kHz mono audio.
+
+One pass over the container with PyAV: packets of the video and audio streams are demuxed
+together, video is decoded with frame threading, only the frames picked for the requested fps
+are converted (scaled in libswscale by ``frame.reformat``), and audio is resampled to 16 kHz
+mono by ``av.AudioResampler`` as it arrives. Nothing is written to disk and the clip is never
+held in memory as a whole; a stream that stops answering is an error after ``timeout_s``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from .errors import EngineError, InvalidInput
+
+HEAR_RATE = 16000
+MAX_DURATION_S = 30.0
+PATCH = 28  # Qwen2.5-Omni vision: 14 px patches merged 2x2
+
+
+class MediaUnavailable(EngineError):
+    """A stream could not be opened or stopped delivering data in time."""
+
+    translation_key = "media_unavailable"
+
+
+@dataclass(slots=True)
+class Clip:
+    """A prepared clip: frames with their real timestamps, the real fps, and the audio track."""
+
+    frames: np.ndarray  # (T, H, W, 3) uint8
+    frame_times: list[float]
+    fps: float
+    audio: np.ndarray | None  # float32, 16 kHz mono
+    audio_start_s: float
+    duration_s: float
+    source_fps: float | None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def audio_s(self) -> float:
+        """Seconds of audio."""
+        return 0.0 if self.audio is None else round(self.audio.size / HEAR_RATE, 3)
+
+    def summary(self) -> dict[str, Any]:
+        """Plain description (no arrays)."""
+        return {
+            "frames": len(self.frame_times),
+            "frame_times": [round(t, 3) for t in self.frame_times],
+            "fps": self.fps,
+            "size": list(self.frames.shape[1:3]) if self.frames.size else [0, 0],
+            "audio_s": self.audio_s,
+            "audio_start_s": round(self.audio_start_s, 3),
+            "duration_s": round(self.duration_s, 3),
+            "warnings": list(self.warnings),
+        }
+
+
+def target_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """Largest size of the same aspect within ``max_pixels``, in multiples of the 28 px patch."""
+    scale = min(1.0, math.sqrt(max_pixels / max(1, width * height)))
+    w = max(PATCH, int(width * scale) // PATCH * PATCH)
+    h = max(PATCH, int(height * scale) // PATCH * PATCH)
+    return w, h
+
+
+def validate_request(duration_s: float, fps: float) -> None:
+    """Reject durations and rates the pipeline will not prepare."""
+    if not 0 < duration_s <= MAX_DURATION_S:
+        raise InvalidInput(f"duration must be between 0 and {MAX_DURATION_S:g} s", reason="duration")
+    if not 0 < fps <= 8:
+        raise InvalidInput("fps must be between 0 and 8", reason="fps")
+
+
+def prepare_clip(
+    source: str,
+    duration_s: float = 6.0,
+    fps: float = 2.0,
+    with_audio: bool = True,
+    max_pixels: int = 448 * 448,
+    timeout_s: float = 15.0,
+) -> Clip:
+    """Read ``duration_s`` seconds from a file or live URL into frames at ``fps`` and 16 kHz audio."""
+    import av
+
+    validate_request(duration_s, fps)
+    deadline = time.monotonic() + timeout_s + duration_s
+    try:
+        container = av.open(source, timeout=(timeout_s, timeout_s), options={"rw_timeout": str(int(timeout_s * 1e6))})
+    except FileNotFoundError as err:
+        raise InvalidInput(f"no such file: {source}", reason="missing") from err
+    except av.error.InvalidDataError as err:
+        raise InvalidInput(f"not a video file: {err}", reason="corrupt") from err
+    except (av.error.FFmpegError, OSError) as err:
+        raise MediaUnavailable(f"cannot open the stream: {err}", reason="unreachable") from err
+    with container:
+        if not container.streams.video:
+            raise InvalidInput("the clip has no video stream", reason="no_video")
+        vstream = container.streams.video[0]
+        vstream.thread_type = "AUTO"
+        astream = container.streams.audio[0] if (with_audio and container.streams.audio) else None
+        warnings: list[str] = []
+        if with_audio and astream is None:
+            warnings.append("no audio track: analysed the video only")
+        try:
+            return _read(container, vstream, astream, duration_s, fps, max_pixels, deadline, warnings)
+        except av.error.InvalidDataError as err:
+            raise InvalidInput(f"the clip is corrupt: {err}", reason="corrupt") from err
+        except (av.error.ExitError, av.error.FFmpegError) as err:
+            if "timed out" in str(err).lower() or isinstance(err, av.error.ExitError):
+                raise MediaUnavailable(f"the stream stopped answering: {err}", reason="timeout") from err
+            raise InvalidInput(f"cannot decode the clip: {err}", reason="decode") from err
+
+
+def _read(
+    container: Any,
+    vstream: Any,
+    astream: Any,
+    duration_s: float,
+    fps: float,
+    max_pixels: int,
+    deadline: float,
+    warnings: list[str],
+) -> Clip:
+    import av
+
+    size: tuple[int, int] | None = None
+    frames: list[np.ndarray] = []
+    times: list[float] = []
+    start: float | None = None
+    next_t = 0.0
+    step = 1.0 / fps
+    audio_parts: list[np.ndarray] = []
+    audio_start: float | None = None
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=HEAR_RATE) if astream is not None else None
+    video_done = False
+    audio_done = astream is None
+    streams = [s for s in (vstream, astream) if s is not None]
+    for packet in container.demux(streams):
+        if time.monotonic() > deadline:
+            raise MediaUnavailable("the stream did not deliver the clip in time", reason="timeout")
+        if packet.stream is vstream and not video_done:
+            for frame in packet.decode():
+                if frame.time is None:
+                    continue
+                if start is None:
+                    start = frame.time
+                t = frame.time - start
+                if t >= duration_s:
+                    video_done = True
+                    break
+                if t + 1e-6 < next_t:
+                    continue
+                if size is None:
+                    size = target_size(frame.width, frame.height, max_pixels)
+                frames.append(frame.reformat(width=size[0], height=size[1], format="rgb24").to_ndarray())
+                times.append(t)
+                next_t = (math.floor(t / step + 1e-6) + 1) * step
+        elif packet.stream is astream and not audio_done:
+            assert resampler is not None
+            for aframe in packet.decode():
+                if aframe.time is None:
+                    continue
+                base = start if start is not None else aframe.time
+                if audio_start is None:
+                    audio_start = aframe.time - base
+                if aframe.time - base >= duration_s:
+                    audio_done = True
+                    break
+                for out in resampler.resample(aframe):
+                    audio_parts.append(out.to_ndarray().reshape(-1))
+        if video_done and audio_done:
+            break
+    if resampler is not None and not audio_done:
+        for out in resampler.resample(None):
+            audio_parts.append(out.to_ndarray().reshape(-1))
+    if not frames:
+        raise InvalidInput("the clip has no decodable video frames", reason="empty")
+    audio = None
+    if astream is not None:
+        audio = np.concatenate(audio_parts).astype(np.float32) if audio_parts else np.zeros(0, np.float32)
+        audio = audio[: int(duration_s * HEAR_RATE)]
+        if not audio.size:
+            warnings.append("the audio track is empty: analysed the video only")
+            audio = None
+    src_rate = float(vstream.average_rate) if vstream.average_rate else None
+    span = times[-1] + (1.0 / src_rate if src_rate else step)
+    if audio is not None:
+        span = max(span, audio.size / HEAR_RATE)
+    return Clip(
+        frames=np.stack(frames),
+        frame_times=times,
+        fps=fps,
+        audio=audio,
+        audio_start_s=audio_start or 0.0,
+        duration_s=min(duration_s, span),
+        source_fps=src_rate,
+        warnings=warnings,
+    )
+
+
+def naive_prepare(source: str, fps: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Reference for benchmarks only: decode every frame to RGB, pick by index, decode all audio."""
+    import av
+
+    with av.open(source) as container:
+        all_frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        rate = float(container.streams.video[0].average_rate or 25)
+    picked = np.stack(all_frames[:: max(1, round(rate / fps))])
+    with av.open(source) as container:
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=HEAR_RATE)
+        parts = [o.to_ndarray().reshape(-1) for f in container.decode(audio=0) for o in resampler.resample(f)]
+    return picked, np.concatenate(parts) if parts else np.zeros(0, np.float32)
