@@ -150,3 +150,48 @@ async def ha_core(hass: Any) -> None:
     from homeassistant.setup import async_setup_component
 
     assert await async_setup_component(hass, "homeassistant", {})
+
+
+@pytest.fixture(scope="session")
+def clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 5 s H.264 + AAC clip: a white square from t=2 s, a 1 kHz burst at t=3 s."""
+    from devtools.media import make_clip
+
+    return make_clip(tmp_path_factory.mktemp("media") / "door.mp4")
+
+
+@pytest.fixture
+async def front_door(hass: Any, clip_path: Path) -> Any:
+    """camera.front_door: JPEG snapshots, and the test clip as its stream source (a local file)."""
+    from homeassistant.components.camera import Camera, CameraEntityFeature
+    from homeassistant.setup import async_setup_component
+    from pytest_homeassistant_custom_component.common import MockPlatform, mock_platform
+
+    from devtools.media import make_jpeg
+
+    class FrontDoor(Camera):
+        _attr_name = "Front door"
+        _attr_unique_id = "front_door"
+        _attr_supported_features = CameraEntityFeature.STREAM
+        _attr_should_poll = False
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.image: bytes | None = make_jpeg((96, 64))
+            self.source: str | None = str(clip_path)
+
+        async def async_camera_image(self, width: int | None = None, height: int | None = None) -> bytes | None:
+            return self.image
+
+        async def stream_source(self) -> str | None:
+            return self.source
+
+    cam = FrontDoor()
+
+    async def setup_platform(hass: Any, config: Any, add_entities: Any, discovery_info: Any = None) -> None:
+        add_entities([cam])
+
+    mock_platform(hass, "test.camera", MockPlatform(async_setup_platform=setup_platform))
+    assert await async_setup_component(hass, "camera", {"camera": {"platform": "test"}})
+    await hass.async_block_till_done()
+    return cam

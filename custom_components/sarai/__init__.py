@@ -106,7 +106,7 @@ async def async_setup_entry(hass: HomeAssistant, entry: SaraiConfigEntry) -> boo
     async def _stop(_event: Event) -> None:
         await engine.close()
 
-    entry.async_on_unload(hass.bus.async_listen_once(EVENT_HOMEASSISTANT_STOP, _stop))
+    entry.async_on_unload(hass.bus.async_listen(EVENT_HOMEASSISTANT_STOP, _stop))
     idle = int(entry.options.get(CONF_IDLE_UNLOAD_MINUTES, 0))
     if idle > 0:
 

@@ -312,7 +312,7 @@ class CameraSubentryFlow(ConfigSubentryFlow):
 
     @staticmethod
     def _check(user_input: Mapping[str, Any]) -> str | None:
-        minutes = int(user_input.get(CONF_SCAN_INTERVAL_MINUTES, 0))
+        minutes = float(user_input.get(CONF_SCAN_INTERVAL_MINUTES, 0))
         return "interval_too_short" if 0 < minutes < MIN_SCAN_INTERVAL_MINUTES else None
 
     @staticmethod

@@ -12,7 +12,7 @@ from homeassistant.helpers import llm
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
 from . import SaraiConfigEntry
-from .const import CONF_LLM_HASS_API, CONF_PROMPT, DEFAULT_PROMPT, DOMAIN
+from .const import CONF_LLM_HASS_API, CONF_PROMPT, DEFAULT_PROMPT, DOMAIN, EVENT_ROUTE
 from .engine import RouteInfo
 from .entity import SaraiLLMEntity
 
@@ -72,5 +72,5 @@ class SaraiConversationEntity(conversation.ConversationEntity, AbstractConversat
         await self.async_handle_chat_log(chat_log, route)
         result = conversation.async_get_result_from_chat_log(user_input, chat_log)
         chat_log.async_trace({"sarai_route": route.as_dict()})
-        self.hass.bus.async_fire(f"{DOMAIN}_route", route.as_dict())
+        self.hass.bus.async_fire(EVENT_ROUTE, route.as_dict())
         return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from homeassistant.components.sensor import (
@@ -16,14 +16,15 @@ from homeassistant.components.sensor import (
 from homeassistant.const import EntityCategory, UnitOfInformation, UnitOfTime
 from homeassistant.core import Event, HomeAssistant, callback
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
+from homeassistant.helpers.event import async_track_time_interval
 
 from . import SaraiConfigEntry
-from .const import DOMAIN
+from .const import EVENT_ROUTE
 from .engine import SaraiEngine
 from .entity import SaraiEntity
 
 PARALLEL_UPDATES = 0
-SCAN_INTERVAL = timedelta(seconds=30)
+REFRESH_INTERVAL = timedelta(seconds=30)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,27 +80,27 @@ async def async_setup_entry(
     async_add_entities(sensors)
 
     @callback
-    def _refresh(_event: Event) -> None:
+    def _refresh(_event: Event | datetime) -> None:
         for entity in sensors:
             if entity.hass is not None:
                 entity.async_write_ha_state()
 
-    entry.async_on_unload(hass.bus.async_listen(f"{DOMAIN}_route", _refresh))
+    entry.async_on_unload(hass.bus.async_listen(EVENT_ROUTE, _refresh))
+    # Memory and load state change without a turn (idle unload, warm-up): refresh them now and then.
+    entry.async_on_unload(async_track_time_interval(hass, _refresh, REFRESH_INTERVAL, cancel_on_shutdown=True))
 
 
 class SaraiSensor(SaraiEntity, SensorEntity):
     """One engine status value."""
 
     _attr_entity_category = EntityCategory.DIAGNOSTIC
+    _attr_should_poll = False
     entity_description: SaraiSensorDescription
 
     def __init__(self, entry: SaraiConfigEntry, description: SaraiSensorDescription) -> None:
         """Create the sensor."""
         super().__init__(entry, description.key)
         self.entity_description = description
-
-    async def async_update(self) -> None:
-        """Nothing to fetch: values are read from the engine."""
 
     @property
     def native_value(self) -> Any:
