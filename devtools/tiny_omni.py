@@ -7,7 +7,6 @@ Saved with ``save_pretrained`` so that SARAi loads it through the same code as t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .tiny_gguf import MERGES, bytes_to_unicode
@@ -55,11 +54,9 @@ def _write_tokenizer(out: Path) -> dict[str, int]:
         vocab[ch] = len(vocab)
     for merge in MERGES:
         vocab.setdefault(merge.replace(" ", ""), len(vocab))
-    (out / "vocab.json").write_text(json.dumps(vocab))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n")
     tok = Qwen2Tokenizer(
-        vocab_file=str(out / "vocab.json"),
-        merges_file=str(out / "merges.txt"),
+        vocab=vocab,
+        merges=[tuple(m.split(" ")) for m in MERGES],
         unk_token=None,
         bos_token=None,
         eos_token="<|im_end|>",
@@ -210,6 +207,15 @@ def write_tiny_omni(out: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = Qwen2_5OmniForConditionalGeneration(config)
+    with torch.no_grad():
+        # Like the tiny GGUF: special tokens (EOS included) and unused rows never win greedy decoding,
+        # so the random thinker always says something (bounded by max_new_tokens).
+        first_special = min(ids.values())
+        head = model.thinker.lm_head.weight
+        head[first_special:] = 0.0
+        letters = head[64:90].clone()  # byte-level ids 64..89 are "a".."z"
+        head[:first_special] *= 0.05
+        head[64:90] = letters
     model.save_pretrained(out)
     spk = {
         name: {
