@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 import json
 from pathlib import Path
@@ -69,6 +70,14 @@ class ScriptedSolar:
         self.models_status = 200
         self.api_key: str | None = None
         self.url = ""
+        self.released = asyncio.Event()
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake up when the test ends (no handler outlives the test)."""
+        try:
+            await asyncio.wait_for(self.released.wait(), seconds)
+        except TimeoutError:
+            pass
 
     def _auth_ok(self, request: web.Request) -> bool:
         return self.api_key is None or request.headers.get("Authorization") == f"Bearer {self.api_key}"
@@ -86,8 +95,12 @@ class ScriptedSolar:
         if not self._auth_ok(request):
             return web.json_response({"error": "bad key"}, status=401)
         reply = self.replies.pop(0) if self.replies else {"text": "respuesta remota"}
+        if "delay" in reply:  # slow first byte
+            await self._sleep(reply["delay"])
         if "status" in reply:
             return web.Response(status=reply["status"], text="server error")
+        if "html" in reply:  # 200 with the wrong content type (a proxy's login page)
+            return web.Response(status=200, text=reply["html"], content_type="text/html")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
 
@@ -96,6 +109,10 @@ class ScriptedSolar:
 
         if "raw" in reply:
             await resp.write(reply["raw"].encode())
+            return resp
+        if "stall" in reply:  # one chunk, then silence
+            await send({"choices": [{"index": 0, "delta": {"content": "Pensando "}}]})
+            await self._sleep(reply["stall"])
             return resp
         if "tool_call" in reply:
             name, args = reply["tool_call"]
@@ -134,13 +151,15 @@ async def solar(socket_enabled: None) -> AsyncIterator[ScriptedSolar]:
     app = web.Application()
     app.router.add_get("/v1/models", server.models)
     app.router.add_post("/v1/chat/completions", server.chat)
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
     server.url = f"http://127.0.0.1:{port}/v1"
     yield server
+    server.released.set()
+    await asyncio.sleep(0.05)
     await runner.cleanup()
 
 

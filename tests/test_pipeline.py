@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from homeassistant.components import assist_pipeline, conversation, stt
-from homeassistant.components.assist_pipeline.pipeline import PipelineEventType, async_get_pipeline, async_update_pipeline
+from homeassistant.components.assist_pipeline.pipeline import (
+    PipelineEventType,
+    async_get_pipeline,
+    async_update_pipeline,
+)
 from homeassistant.components.homeassistant.exposed_entities import async_expose_entity
 from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import Context, HomeAssistant

@@ -24,10 +24,12 @@ from .const import (
     CONF_OMNI_MODEL,
     CONF_ROUTING_MODE,
     CONF_SOLAR_API_KEY,
+    CONF_SOLAR_TIMEOUT,
     CONF_SOLAR_URL,
     CONF_WARMUP,
     DEFAULT_CONTEXT_SIZE,
     DEFAULT_MEMORY_BUDGET_MB,
+    DEFAULT_SOLAR_TIMEOUT,
     DOMAIN,
     LOGGER,
     SUBENTRY_CAMERA,
@@ -65,6 +67,7 @@ def engine_config(entry: ConfigEntry) -> EngineConfig:
         solar_url=solar_url,
         solar_api_key=data.get(CONF_SOLAR_API_KEY) or None,
         routing_mode=options.get(CONF_ROUTING_MODE, "auto" if solar_url else "local"),
+        solar_timeout_s=float(options.get(CONF_SOLAR_TIMEOUT, DEFAULT_SOLAR_TIMEOUT)),
     )
 
 

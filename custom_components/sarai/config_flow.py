@@ -48,6 +48,7 @@ from .const import (
     CONF_ROUTING_MODE,
     CONF_SCAN_INTERVAL_MINUTES,
     CONF_SOLAR_API_KEY,
+    CONF_SOLAR_TIMEOUT,
     CONF_SOLAR_URL,
     CONF_TEMPERATURE,
     CONF_VOICE,
@@ -58,6 +59,7 @@ from .const import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_MEMORY_BUDGET_MB,
     DEFAULT_PROMPT,
+    DEFAULT_SOLAR_TIMEOUT,
     DEFAULT_TEMPERATURE,
     DEFAULT_VOICE,
     DEFAULT_WARMUP,
@@ -254,6 +256,9 @@ class SaraiOptionsFlow(OptionsFlow):
                 vol.Optional(CONF_VOICE, default=options.get(CONF_VOICE, DEFAULT_VOICE)): SelectSelector(
                     SelectSelectorConfig(options=VOICES, mode=SelectSelectorMode.DROPDOWN)
                 ),
+                vol.Optional(
+                    CONF_SOLAR_TIMEOUT, default=options.get(CONF_SOLAR_TIMEOUT, DEFAULT_SOLAR_TIMEOUT)
+                ): NumberSelector(NumberSelectorConfig(min=1, max=600, step=1, mode=NumberSelectorMode.BOX)),
             }
         )
         return self.async_show_form(step_id="init", data_schema=schema)

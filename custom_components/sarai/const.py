@@ -23,6 +23,7 @@ CONF_IDLE_UNLOAD_MINUTES = "idle_unload_minutes"
 CONF_ROUTING_MODE = "routing_mode"
 CONF_VOICE = "voice"
 CONF_LLM_HASS_API = "llm_hass_api"
+CONF_SOLAR_TIMEOUT = "solar_timeout"
 
 DEFAULT_MEMORY_BUDGET_MB = 12000
 DEFAULT_PROMPT = (
@@ -35,6 +36,7 @@ DEFAULT_CONTEXT_SIZE = 8192
 DEFAULT_WARMUP = False
 DEFAULT_IDLE_UNLOAD_MINUTES = 0
 DEFAULT_VOICE = "Chelsie"
+DEFAULT_SOLAR_TIMEOUT = 30
 VOICES = ["Chelsie", "Ethan"]
 ROUTING_MODES = ["auto", "local", "remote"]
 

@@ -59,6 +59,7 @@ class EngineConfig:
     breaker_threshold: int = 3
     breaker_cooldown_s: float = 60.0
     request_timeout_s: float = 120.0
+    solar_timeout_s: float = 30.0
     rules: RoutingRules = field(default_factory=RoutingRules)
 
 
@@ -94,7 +95,9 @@ class SaraiEngine:
         self.manager = ModelManager(backends, config.memory_budget_mb)
         self.solar: SolarClient | None = None
         if config.solar_url and session is not None:
-            self.solar = SolarClient(session, config.solar_url, config.solar_api_key)
+            self.solar = SolarClient(
+                session, config.solar_url, config.solar_api_key, read_timeout=config.solar_timeout_s
+            )
         self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown_s)
         self.last_route: RouteInfo | None = None
         self._on_auth_error = on_remote_auth_error
