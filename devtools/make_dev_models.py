@@ -17,7 +17,14 @@ def main(out: str) -> None:
         from .tiny_omni import write_tiny_omni
 
         write_tiny_omni(root / "omni")
-    print(f"[sarai] tiny models ready: gguf_model={root / 'tiny.gguf'} omni_model={root / 'omni'}")
+    if not (root / "mmproj.gguf").exists():
+        from .tiny_mmproj import write_tiny_mmproj
+
+        write_tiny_mmproj(root / "omni", root / "mmproj.gguf")
+    print(
+        f"[sarai] tiny models ready: gguf_model={root / 'tiny.gguf'} mmproj_model={root / 'mmproj.gguf'} "
+        f"omni_model={root / 'omni'}"
+    )
 
 
 if __name__ == "__main__":

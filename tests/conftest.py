@@ -24,12 +24,14 @@ def auto_enable_custom_integrations(enable_custom_integrations: None) -> None:
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny GGUF + tiny Omni checkpoint, built once."""
+    from devtools.tiny_mmproj import write_tiny_mmproj
     from devtools.tiny_omni import write_tiny_omni
 
     root = tmp_path_factory.mktemp("models")
     write_tiny_gguf(root / "tiny.gguf")
     write_tiny_gguf(root / "tiny-qwen2.gguf", arch="qwen2", seed=1)
     write_tiny_omni(root / "omni")
+    write_tiny_mmproj(root / "omni", root / "mmproj.gguf")
     return root
 
 
@@ -43,6 +45,12 @@ def gguf_path(models_dir: Path) -> str:
 def omni_path(models_dir: Path) -> str:
     """Path of the tiny Omni checkpoint."""
     return str(models_dir / "omni")
+
+
+@pytest.fixture
+def mmproj_path(models_dir: Path) -> str:
+    """Path of the tiny mmproj (audio + vision encoders of the tiny Omni, for the tiny GGUF)."""
+    return str(models_dir / "mmproj.gguf")
 
 
 @pytest.fixture

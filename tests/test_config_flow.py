@@ -20,14 +20,13 @@ async def _start(hass: HomeAssistant) -> str:
     return str(result["flow_id"])
 
 
-async def test_user_flow_creates_entry(hass: HomeAssistant, gguf_path: str, omni_path: str) -> None:
+async def test_user_flow_creates_entry(hass: HomeAssistant, gguf_path: str, omni_path: str, mmproj_path: str) -> None:
     """Valid paths create the entry; the entry sets up."""
     flow_id = await _start(hass)
-    result = await hass.config_entries.flow.async_configure(
-        flow_id, {"gguf_model": gguf_path, "omni_model": omni_path, "memory_budget_mb": 12000}
-    )
+    data = {"gguf_model": gguf_path, "mmproj_model": mmproj_path, "omni_model": omni_path, "memory_budget_mb": 12000}
+    result = await hass.config_entries.flow.async_configure(flow_id, data)
     assert result["type"] is FlowResultType.CREATE_ENTRY
-    assert result["data"] == {"gguf_model": gguf_path, "omni_model": omni_path, "memory_budget_mb": 12000}
+    assert result["data"] == data
     await hass.async_block_till_done()
     entry = hass.config_entries.async_entries(DOMAIN)[0]
     assert entry.state is config_entries.ConfigEntryState.LOADED
@@ -42,12 +41,14 @@ async def test_user_flow_creates_entry(hass: HomeAssistant, gguf_path: str, omni
         ("gguf_model", "WRONG_ARCH", "gguf_architecture"),
         ("mmproj_model", "/nonexistent/mmproj.gguf", "mmproj_not_found"),
         ("mmproj_model", "TEXT_GGUF", "mmproj_invalid"),
+        ("mmproj_model", "OTHER_MODEL_MMPROJ", "mmproj_mismatch"),
+        ("mmproj_model", "NO_ENCODER", "mmproj_invalid"),
         ("omni_model", "/nonexistent/omni", "omni_not_found"),
         ("omni_model", "NOT_OMNI", "omni_invalid"),
     ],
 )
 async def test_user_flow_errors_then_recovers(
-    hass: HomeAssistant, tmp_path: Path, gguf_path: str, field: str, value: str, error: str
+    hass: HomeAssistant, tmp_path: Path, gguf_path: str, mmproj_path: str, field: str, value: str, error: str
 ) -> None:
     """Each bad value gets its own error; fixing it completes the flow."""
     from devtools.tiny_gguf import write_tiny_gguf
@@ -59,6 +60,18 @@ async def test_user_flow_errors_then_recovers(
         value = str(write_tiny_gguf(tmp_path / "llama.gguf", arch="llama"))
     elif value == "TEXT_GGUF":
         value = gguf_path
+    elif value == "OTHER_MODEL_MMPROJ":  # a mmproj projecting to width 64, for a 32-wide text model
+        data_gguf = str(write_tiny_gguf(tmp_path / "narrow.gguf", n_embd=32, n_head=2, n_head_kv=1, n_ff=64))
+        gguf_path, value = data_gguf, mmproj_path
+    elif value == "NO_ENCODER":
+        import gguf
+
+        writer = gguf.GGUFWriter(str(tmp_path / "empty-mmproj.gguf"), "clip")
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        value = str(tmp_path / "empty-mmproj.gguf")
     elif value == "NOT_OMNI":
         (tmp_path / "omni").mkdir()
         (tmp_path / "omni" / "config.json").write_text('{"model_type": "llama"}')

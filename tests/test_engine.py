@@ -295,3 +295,35 @@ async def test_remote_route_without_server_falls_back(engine: SaraiEngine) -> No
     async for d in engine.chat(_req(), route):
         out += d.content
     assert route.duration_s is not None
+
+
+async def test_gguf_mmproj_hears_and_sees_without_transformers(gguf_path: str, mmproj_path: str, tmp_path) -> None:
+    """With GGUF + mmproj only: hearing and seeing run in llama.cpp (libmtmd); speech output is not available."""
+    from custom_components.sarai.engine.audio import decode_wav
+    from custom_components.sarai.engine.errors import UnsupportedModality
+    from devtools.media import make_jpeg, make_speech_wav
+    from devtools.tiny_gguf import write_tiny_gguf
+
+    engine = SaraiEngine(EngineConfig(gguf_model=gguf_path, mmproj_model=mmproj_path, n_ctx=4096))
+    try:
+        assert {"hear", "see", "video_frames"} <= set(engine.capabilities)
+        assert "speak" not in engine.capabilities
+        assert engine.text.estimate_bytes() > engine.text.info.size_bytes + engine.text.mmproj.size_bytes
+        samples, rate = decode_wav(make_speech_wav())
+        text = await engine.transcribe(samples, rate, "es")
+        assert isinstance(text, str) and text
+        # 70 s of audio is heard in three windows (Omni truncates at 30 s).
+        long = np.tile(samples, int(70 * rate / samples.size) + 1)[: 70 * rate]
+        assert await engine.transcribe(long, rate, "es")
+        answer = await engine.describe_image(make_jpeg((96, 64)), "¿Qué ves?", max_tokens=8)
+        assert answer
+        # The text model still chats after media turns (its KV cache was reset).
+        out = [d.content async for d in engine.chat_local(ChatRequest([ChatMessage("user", "hola")], max_tokens=4))]
+        assert "".join(out)
+        with pytest.raises(UnsupportedModality):
+            await engine.speak("hola", "Chelsie")
+    finally:
+        await engine.close()
+    narrow = write_tiny_gguf(tmp_path / "narrow.gguf", n_embd=32, n_head=2, n_head_kv=1, n_ff=64)
+    with pytest.raises(ModelCorrupt):
+        SaraiEngine(EngineConfig(gguf_model=str(narrow), mmproj_model=mmproj_path))

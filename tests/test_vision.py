@@ -369,3 +369,41 @@ async def test_blueprint_end_to_end(
     assert [e.data["label"] for e in notified] == ["package"]
     assert notified[0].data["text"] == "una caja"
     assert await hass.config_entries.async_unload(entry.entry_id)
+
+
+async def test_gguf_mmproj_only_hears_sees_and_analyses_frames(
+    hass: HomeAssistant, make_entry, mmproj_path: str, solar, clip_path: Path
+) -> None:
+    """GGUF + mmproj (no transformers checkpoint): STT exists and hears, no TTS, video is frames-only."""
+    from homeassistant.components import stt
+
+    from devtools.media import make_speech_wav
+
+    hass.config.allowlist_external_dirs = {str(clip_path.parent)}
+    entry = make_entry({"mmproj_model": mmproj_path, "solar_url": solar.url}, {"routing_mode": "remote"})
+    await _setup(hass, entry)
+    assert hass.states.get("tts.sarai_text_to_speech") is None
+    entity = stt.async_get_speech_to_text_entity(hass, "stt.sarai_speech_to_text")
+    assert entity is not None
+    meta = stt.SpeechMetadata(
+        language="es",
+        format=stt.AudioFormats.WAV,
+        codec=stt.AudioCodecs.PCM,
+        bit_rate=stt.AudioBitRates.BITRATE_16,
+        sample_rate=stt.AudioSampleRates.SAMPLERATE_16000,
+        channel=stt.AudioChannels.CHANNEL_MONO,
+    )
+
+    async def audio():
+        yield make_speech_wav()
+
+    result = await entity.async_process_audio_stream(meta, audio())
+    assert result.result is stt.SpeechResultState.SUCCESS and result.text
+    solar.replies = [{"text": _events_json()}]
+    response = await hass.services.async_call(
+        DOMAIN, "analyze_video", {"file_path": str(clip_path)}, blocking=True, return_response=True
+    )
+    assert response["route"] == "gguf_frames_only"
+    assert response["audio_s"] == 0
+    assert any("frames only" in w for w in response["warnings"])
+    assert await hass.config_entries.async_unload(entry.entry_id)

@@ -104,7 +104,9 @@ async def async_setup_entry(hass: HomeAssistant, entry: SaraiConfigEntry) -> boo
     ir.async_delete_issue(hass, DOMAIN, "model_unusable")
     entry.runtime_data = SaraiData(engine)
     if not engine.can("hear"):
-        LOGGER.info("Speech-to-text and text-to-speech are off: configure the Omni checkpoint (omni_model)")
+        LOGGER.info("Speech-to-text is off: configure the mmproj (mmproj_model) or the Omni checkpoint (omni_model)")
+    if not engine.can("speak"):
+        LOGGER.info("Text-to-speech and time-aligned video are off: configure the Omni checkpoint (omni_model)")
 
     async def _stop(_event: Event) -> None:
         await engine.close()

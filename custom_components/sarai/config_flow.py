@@ -70,7 +70,7 @@ from .const import (
     VOICES,
 )
 from .engine.errors import ModelCorrupt, ModelMissing, RemoteAuthError, RemoteError, RemoteProtocolError
-from .engine.models import MB, MMPROJ_ARCHITECTURES, inspect_gguf, inspect_omni, variant_advice
+from .engine.models import MB, inspect_gguf, inspect_mmproj, inspect_omni, variant_advice
 from .engine.solar import SolarClient
 
 
@@ -115,6 +115,7 @@ async def validate_input(hass: HomeAssistant, data: dict[str, Any]) -> tuple[dic
     errors: dict[str, str] = {}
     placeholders: dict[str, str] = {}
     gguf = data[CONF_GGUF_MODEL].strip()
+    text_info = None
     try:
         info = await hass.async_add_executor_job(inspect_gguf, gguf)
     except ModelMissing:
@@ -122,15 +123,16 @@ async def validate_input(hass: HomeAssistant, data: dict[str, Any]) -> tuple[dic
     except ModelCorrupt as err:
         errors[CONF_GGUF_MODEL] = "gguf_architecture" if "architecture" in err.placeholders else "gguf_invalid"
     else:
+        text_info = info
         placeholders["variant"] = variant_advice(info.size_bytes)
         placeholders["size_mb"] = str(info.size_bytes // MB)
     if mmproj := (data.get(CONF_MMPROJ_MODEL) or "").strip():
         try:
-            await hass.async_add_executor_job(inspect_gguf, mmproj, MMPROJ_ARCHITECTURES)
+            await hass.async_add_executor_job(inspect_mmproj, mmproj, text_info)
         except ModelMissing:
             errors[CONF_MMPROJ_MODEL] = "mmproj_not_found"
-        except ModelCorrupt:
-            errors[CONF_MMPROJ_MODEL] = "mmproj_invalid"
+        except ModelCorrupt as err:
+            errors[CONF_MMPROJ_MODEL] = "mmproj_mismatch" if "mismatch" in err.placeholders else "mmproj_invalid"
     if omni := (data.get(CONF_OMNI_MODEL) or "").strip():
         try:
             await hass.async_add_executor_job(inspect_omni, omni)

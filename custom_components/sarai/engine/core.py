@@ -29,7 +29,7 @@ from .llama_backend import LlamaBackend
 from .manager import Backend, ModelManager, process_rss_bytes
 from .media import Clip, prepare_clip
 from .models import MB
-from .omni_backend import OmniBackend, load_image
+from .omni_backend import OmniBackend, load_image, transcribe_prompt
 from .router import CircuitBreaker, Decision, RoutingRules, decide
 from .solar import SolarClient
 from .tools import ToolCallStreamParser
@@ -89,7 +89,8 @@ class SaraiEngine:
     ) -> None:
         """Validate the configured files (raises ModelMissing / ModelCorrupt) and build backends."""
         self.config = config
-        backends: list[Backend] = [LlamaBackend(TEXT, config.gguf_model, config.n_ctx, config.n_threads)]
+        self.text = LlamaBackend(TEXT, config.gguf_model, config.n_ctx, config.n_threads, config.mmproj_model)
+        backends: list[Backend] = [self.text]
         if config.omni_model:
             backends.append(OmniBackend(OMNI, config.omni_model, config.omni_dtype, config.omni_int8))
         self.manager = ModelManager(backends, config.memory_budget_mb)
@@ -109,8 +110,15 @@ class SaraiEngine:
     def capabilities(self) -> list[str]:
         """What the configured models can do."""
         caps = ["chat"]
-        if self.manager.has(OMNI):
-            caps += ["hear", "see", "speak", "video"]
+        omni = self.manager.has(OMNI)
+        if omni or self.text.can_hear:
+            caps.append("hear")
+        if omni or self.text.can_see:
+            caps.append("see")
+        if omni:
+            caps += ["speak", "video"]
+        elif self.text.can_see:
+            caps.append("video_frames")
         if self.solar is not None:
             caps.append("remote")
         return caps
@@ -121,10 +129,12 @@ class SaraiEngine:
 
     def _require(self, capability: str) -> None:
         if not self.can(capability):
-            raise UnsupportedModality(
-                f"{capability} is not available: configure the Omni checkpoint (omni_model)",
-                capability=capability,
+            need = (
+                "the Omni checkpoint (omni_model)"
+                if capability in ("speak", "video")
+                else "the mmproj or the Omni checkpoint"
             )
+            raise UnsupportedModality(f"{capability} is not available: configure {need}", capability=capability)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -239,21 +249,30 @@ class SaraiEngine:
         """Speech (any rate, mono float) -> text; > 30 s is chunked."""
         self._require("hear")
         audio16 = audio_mod.to_hearing_input(samples, rate)
-        omni = self.manager.backend(OMNI)
-        assert isinstance(omni, OmniBackend)
+        text, omni = self.text, self.manager.backend(OMNI) if self.manager.has(OMNI) else None
+        name = TEXT if text.can_hear else OMNI  # the GGUF + mmproj hears without loading transformers
         parts: list[str] = []
         for chunk in audio_mod.chunks_30s(audio16):
 
             def run(stop: threading.Event, c: np.ndarray = chunk) -> str:
+                if text.can_hear:
+                    return text.media_chat([("audio", c)], transcribe_prompt(language), 128, stop)
+                assert isinstance(omni, OmniBackend)
                 return omni.transcribe(c, language, stop)
 
-            parts.append(await self.manager.call(OMNI, run, self.config.request_timeout_s))
+            parts.append(await self.manager.call(name, run, self.config.request_timeout_s))
         return " ".join(p for p in parts if p).strip()
 
     async def describe_image(self, image: bytes, prompt: str, max_tokens: int = 128) -> str:
         """Image bytes + question -> text."""
         self._require("see")
         img = load_image(image)
+        if self.text.can_see:
+            return await self.manager.call(
+                TEXT,
+                lambda stop: self.text.media_chat([("image", img)], prompt, max_tokens, stop),
+                self.config.request_timeout_s,
+            )
         omni = self.manager.backend(OMNI)
         assert isinstance(omni, OmniBackend)
         return await self.manager.call(
@@ -294,14 +313,28 @@ class SaraiEngine:
         max_pixels: int = 448 * 448,
     ) -> dict[str, Any]:
         """A clip (file or live URL) -> summary + validated events, with timings; plain values only."""
-        self._require("video")
+        frames_only = not self.can("video")
+        if frames_only and not self.can("video_frames"):
+            self._require("video")
         labels = [label.strip() for label in (labels or DEFAULT_LABELS) if label.strip()]
         t0 = time.monotonic()
-        clip: Clip = await asyncio.to_thread(prepare_clip, source, duration_s, fps, with_audio, max_pixels, timeout_s)
-        t1 = time.monotonic()
-        summary = await self.describe_video(
-            clip.frames, clip.fps, clip.audio, video_question(prompt, labels, clip.duration_s, clip.audio is not None)
+        clip: Clip = await asyncio.to_thread(
+            prepare_clip, source, duration_s, fps, with_audio and not frames_only, max_pixels, timeout_s
         )
+        t1 = time.monotonic()
+        if frames_only:
+            if with_audio:
+                clip.warnings.append("no Omni checkpoint: frames only through the GGUF + mmproj, audio not analysed")
+            summary = await self._describe_frames(clip, video_question(prompt, labels, clip.duration_s, False))
+            route = "gguf_frames_only"
+        else:
+            summary = await self.describe_video(
+                clip.frames,
+                clip.fps,
+                clip.audio,
+                video_question(prompt, labels, clip.duration_s, clip.audio is not None),
+            )
+            route = "omni_video_audio" if clip.audio is not None else "omni_video_only"
         t2 = time.monotonic()
         events, warnings, extract_route = await self._extract_events(summary, labels, clip.duration_s)
         t3 = time.monotonic()
@@ -314,7 +347,7 @@ class SaraiEngine:
             "audio_s": clip.audio_s,
             "duration_s": round(clip.duration_s, 3),
             "model": "qwen2.5-omni",
-            "route": "omni_video_audio" if clip.audio is not None else "omni_video_only",
+            "route": route,
             "events_route": extract_route,
             "warnings": clip.warnings + warnings,
             "timings": {
@@ -324,6 +357,19 @@ class SaraiEngine:
                 "total_s": round(t3 - t0, 4),
             },
         }
+
+    async def _describe_frames(self, clip: Clip, question: str, max_frames: int = 4) -> str:
+        """Frames-only analysis on the GGUF + mmproj: a few frames spread over the clip, with their times."""
+        from PIL import Image
+
+        picks = np.linspace(0, len(clip.frame_times) - 1, num=min(max_frames, len(clip.frame_times))).round()
+        indices = sorted({int(i) for i in picks})
+        images = [("image", Image.fromarray(clip.frames[i])) for i in indices]
+        times = ", ".join(f"{clip.frame_times[i]:.1f} s" for i in indices)
+        prompt = f"{question} The images are frames taken at {times}."
+        return await self.manager.call(
+            TEXT, lambda stop: self.text.media_chat(images, prompt, 256, stop), self.config.request_timeout_s
+        )
 
     async def _extract_events(
         self, summary: str, labels: list[str], duration_s: float

@@ -140,6 +140,47 @@ def inspect_gguf(path: str | Path, allowed: tuple[str, ...] = TEXT_ARCHITECTURES
 
 
 @dataclass(slots=True, frozen=True)
+class MMProjInfo:
+    """What an mmproj (clip) GGUF header says: which encoders, and for which text width."""
+
+    path: str
+    size_bytes: int
+    projector: str
+    has_audio: bool
+    has_vision: bool
+    projection_dim: int | None
+
+
+def inspect_mmproj(path: str | Path, text: GGUFInfo | None = None) -> MMProjInfo:
+    """Validate an mmproj GGUF; with ``text``, check that it projects into that model's width."""
+    meta = read_gguf_metadata(path)
+    if meta.get("general.architecture") not in MMPROJ_ARCHITECTURES:
+        raise ModelCorrupt(f"{path} is not an mmproj (clip) GGUF", path=str(path))
+    has_audio = bool(meta.get("clip.has_audio_encoder", False))
+    has_vision = bool(meta.get("clip.has_vision_encoder", False))
+    if not (has_audio or has_vision):
+        raise ModelCorrupt(f"{path} has neither an audio nor a vision encoder", path=str(path))
+    dims = [meta.get(f"clip.{m}.projection_dim") for m in ("audio", "vision")]
+    projection = next((int(d) for d in dims if isinstance(d, int)), None)
+    info = MMProjInfo(
+        path=str(path),
+        size_bytes=Path(path).stat().st_size,
+        projector=str(meta.get("clip.projector_type", "")),
+        has_audio=has_audio,
+        has_vision=has_vision,
+        projection_dim=projection,
+    )
+    if text is not None and projection and text.embedding_length and projection != text.embedding_length:
+        raise ModelCorrupt(
+            f"the mmproj projects to width {projection} but the text model is {text.embedding_length} wide: "
+            "it belongs to another model (7B and 3B files cannot be mixed)",
+            path=str(path),
+            mismatch="width",
+        )
+    return info
+
+
+@dataclass(slots=True, frozen=True)
 class OmniInfo:
     """What a transformers Qwen2.5-Omni checkpoint directory holds."""
 

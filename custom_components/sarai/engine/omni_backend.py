@@ -40,6 +40,11 @@ def load_image(data: bytes) -> Any:
         raise InvalidInput(f"not a usable image: {err}", reason="not_image") from err
 
 
+def transcribe_prompt(language: str) -> str:
+    """The instruction that turns Omni into a speech recogniser."""
+    return f"Transcribe this audio exactly, in its language ({language}). Output only the transcript."
+
+
 class OmniBackend(Backend):
     """The full Qwen2.5-Omni model (thinker + talker + token2wav) in transformers."""
 
@@ -146,7 +151,7 @@ class OmniBackend(Backend):
 
     def transcribe(self, audio_16k: np.ndarray, language: str, stop: threading.Event, max_new_tokens: int = 128) -> str:
         """Speech -> text for one <= 30 s window."""
-        prompt = f"Transcribe this audio exactly, in its language ({language}). Output only the transcript."
+        prompt = transcribe_prompt(language)
         inputs = self._inputs(
             [{"type": "audio", "audio": "input"}, {"type": "text", "text": prompt}], audio=[audio_16k]
         )
