@@ -102,6 +102,24 @@ async def async_setup_entry(hass: HomeAssistant, entry: SaraiConfigEntry) -> boo
             translation_domain=DOMAIN, translation_key=err.translation_key, translation_placeholders=err.placeholders
         ) from err
     ir.async_delete_issue(hass, DOMAIN, "model_unusable")
+    needed_mb = engine.text.estimate_bytes() // (1024 * 1024)
+    if needed_mb > config.memory_budget_mb:
+        LOGGER.warning(
+            "The memory budget (%s MB) cannot hold the text model (~%s MB): answers need the SOLAR server",
+            config.memory_budget_mb,
+            needed_mb,
+        )
+        ir.async_create_issue(
+            hass,
+            DOMAIN,
+            "budget_too_small",
+            is_fixable=False,
+            severity=ir.IssueSeverity.WARNING,
+            translation_key="budget_too_small",
+            translation_placeholders={"needed_mb": str(needed_mb), "budget_mb": str(config.memory_budget_mb)},
+        )
+    else:
+        ir.async_delete_issue(hass, DOMAIN, "budget_too_small")
     entry.runtime_data = SaraiData(engine)
     if not engine.can("hear"):
         LOGGER.info("Speech-to-text is off: configure the mmproj (mmproj_model) or the Omni checkpoint (omni_model)")

@@ -73,6 +73,12 @@ class InvalidInput(EngineError):
     translation_key = "invalid_input"
 
 
+class MediaUnavailable(EngineError):
+    """A camera stream could not be opened or stopped delivering data in time."""
+
+    translation_key = "media_unavailable"
+
+
 class RemoteError(EngineError):
     """The SOLAR server failed (down, timeout, 5xx, malformed answer)."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import ctypes
 import json
 import threading
@@ -15,7 +16,6 @@ from .models import GGUFInfo, MMProjInfo, inspect_gguf, inspect_mmproj
 from .tools import render_chatml
 from .types import ChatRequest
 
-STOP_STRINGS = ["<|im_end|>", "<|endoftext|>"]
 MTMD_COMPUTE_BYTES = 64 * 1024 * 1024
 
 
@@ -128,30 +128,34 @@ class LlamaBackend(Backend):
                 tokens=len(tokens),
                 n_ctx=self.n_ctx,
             )
+        import llama_cpp
+
         grammar = None
         if request.json_schema is not None:
-            import llama_cpp
-
             grammar = llama_cpp.LlamaGrammar.from_json_schema(  # type: ignore[attr-defined]
                 json.dumps(request.json_schema), verbose=False
             )
-        stream = self._llm.create_completion(
-            tokens,
-            max_tokens=min(request.max_tokens, room - 1),
-            temperature=request.temperature,
-            stop=STOP_STRINGS,
-            stream=True,
-            grammar=grammar,
-        )
-        try:
-            for chunk in stream:
-                if stop.is_set():
-                    break
-                text = chunk["choices"][0]["text"]
-                if text:
-                    emit(text)
-        finally:
-            stream.close()
+        # Our own token loop (not create_completion's stream): a stop request is honoured at the
+        # next token, and text is decoded incrementally (linear, even when a model emits partial
+        # UTF-8 for a long time).
+        vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        budget = min(request.max_tokens, room - 1)
+        produced = 0
+        for token in self._llm.generate(
+            tokens, temp=request.temperature, top_k=40, top_p=0.95, min_p=0.05, grammar=grammar
+        ):
+            if stop.is_set() or llama_cpp.llama_vocab_is_eog(vocab, token):
+                break
+            text = decoder.decode(self._llm.detokenize([token], special=True))
+            if text:
+                emit(text)
+            produced += 1
+            if produced >= budget:
+                break
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            emit(tail)
 
     # -- hearing and seeing through libmtmd ------------------------------------------------
 

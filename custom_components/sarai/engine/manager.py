@@ -71,6 +71,7 @@ class _Slot:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.lock = asyncio.Lock()  # FIFO: one generation at a time
+        self.active: set[threading.Event] = set()  # stop events of the work in flight
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sarai-{backend.name}")
 
 
@@ -168,14 +169,20 @@ class ModelManager:
         return unloaded
 
     async def close(self) -> None:
-        """Unload everything and stop the worker threads."""
+        """Stop the work in flight (at its next step), refuse queued work, unload everything, stop the threads."""
+        if self._closed:
+            return
         self._closed = True
         for slot in self._slots.values():
+            for stop in list(slot.active):
+                stop.set()
+        for slot in self._slots.values():
             try:
-                if slot.backend.loaded:
-                    await self._run(slot, slot.backend.unload)
+                async with slot.lock:
+                    if slot.backend.loaded:
+                        await self._run(slot, slot.backend.unload)
             finally:
-                await asyncio.get_running_loop().run_in_executor(None, slot.executor.shutdown, True)
+                slot.executor.shutdown(wait=True)  # idle by now: the join is immediate
 
     # -- work ------------------------------------------------------------------------
 
@@ -196,13 +203,19 @@ class ModelManager:
                 await slot.lock.acquire()
         except TimeoutError as err:
             raise RequestTimeout(f"{name} was busy for longer than {timeout_s} s", timeout_s=timeout_s) from err
+        if self._closed:  # closed while this request was queued
+            slot.lock.release()
+            raise EngineError("engine is shut down")
         try:
             await self._ensure_loaded(slot)
+            if self._closed:  # closed while the model was loading
+                raise EngineError("engine is shut down")
         except BaseException:
             slot.lock.release()
             raise
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         stop = threading.Event()
+        slot.active.add(stop)
 
         def put(kind: str, value: Any) -> None:
             try:
@@ -224,6 +237,7 @@ class ModelManager:
             nonlocal released
             if not released:
                 released = True
+                slot.active.discard(stop)
                 slot.backend.last_used = time.monotonic()
                 self._note_rss()
                 slot.lock.release()

@@ -16,17 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import EngineError, InvalidInput
+from .errors import InvalidInput, MediaUnavailable
 
 HEAR_RATE = 16000
 MAX_DURATION_S = 30.0
 PATCH = 28  # Qwen2.5-Omni vision: 14 px patches merged 2x2
-
-
-class MediaUnavailable(EngineError):
-    """A stream could not be opened or stopped delivering data in time."""
-
-    translation_key = "media_unavailable"
 
 
 @dataclass(slots=True)
