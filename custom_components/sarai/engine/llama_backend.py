@@ -39,6 +39,8 @@ class LlamaBackend(Backend):
         self.n_threads = n_threads
         self._llm: Any = None
         self._mtmd: Any = None
+        self.last_prompt_tokens: list[int] = []  # what the last chat evaluated (benchmarks compare against it)
+        self.last_generated = 0
 
     @property
     def loaded(self) -> bool:
@@ -142,6 +144,7 @@ class LlamaBackend(Backend):
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         budget = min(request.max_tokens, room - 1)
         produced = 0
+        self.last_prompt_tokens = list(tokens)
         for token in self._llm.generate(
             tokens, temp=request.temperature, top_k=40, top_p=0.95, min_p=0.05, grammar=grammar
         ):
@@ -153,6 +156,7 @@ class LlamaBackend(Backend):
             produced += 1
             if produced >= budget:
                 break
+        self.last_generated = produced
         tail = decoder.decode(b"", final=True)
         if tail:
             emit(tail)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 import logging
@@ -81,6 +82,7 @@ class ModelManager:
     def __init__(self, backends: list[Backend], budget_mb: int) -> None:
         """Register backends; nothing is loaded until first use (or warm-up)."""
         self.budget_bytes = budget_mb * MB
+        self.queue_waits: deque[float] = deque(maxlen=500)  # seconds each request waited for its backend
         self._slots = {b.name: _Slot(b) for b in backends}
         self._plan_lock = asyncio.Lock()
         self._closed = False
@@ -198,9 +200,11 @@ class ModelManager:
         slot = self._slots[name]
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
+        queued = time.monotonic()
         try:
             async with asyncio.timeout_at(deadline):
                 await slot.lock.acquire()
+            self.queue_waits.append(time.monotonic() - queued)
         except TimeoutError as err:
             raise RequestTimeout(f"{name} was busy for longer than {timeout_s} s", timeout_s=timeout_s) from err
         if self._closed:  # closed while this request was queued

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import threading
 from typing import Any
 
@@ -11,6 +12,8 @@ import numpy as np
 from .errors import InvalidInput, ModelCorrupt
 from .manager import Backend
 from .models import OmniInfo, inspect_omni
+
+_LOGGER = logging.getLogger(__name__)
 
 SPEECH_SYSTEM_PROMPT = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
@@ -191,15 +194,23 @@ class OmniBackend(Backend):
             [{"type": "text", "text": f"Say exactly this and nothing else: {text}"}], system=SPEECH_SYSTEM_PROMPT
         )
         talker_cfg = self._model.config.talker_config
-        with torch.inference_mode():
-            result = self._model.generate(
-                **inputs,
-                speaker=voice,
-                thinker_max_new_tokens=max(16, len(text)),
-                talker_max_new_tokens=max_codec_tokens,
-                talker_eos_token_id=talker_cfg.tts_codec_end_token_id,
-                do_sample=False,
-            )
+        try:
+            with torch.inference_mode():
+                result = self._model.generate(
+                    **inputs,
+                    speaker=voice,
+                    thinker_max_new_tokens=max(16, len(text)),
+                    talker_max_new_tokens=max_codec_tokens,
+                    talker_eos_token_id=talker_cfg.tts_codec_end_token_id,
+                    do_sample=False,
+                )
+        except RuntimeError as err:
+            # The talker can end before its first speech code (token2wav then has nothing to
+            # shape): that sentence is silent, the rest of the answer still speaks.
+            if "0 elements" not in str(err):
+                raise ModelCorrupt(f"speech generation failed: {err}", path=self.info.path) from err
+            _LOGGER.warning("The talker produced no speech for %r", text[:60])
+            return np.zeros(0, dtype=np.float32)
         if stop.is_set():
             return np.zeros(0, dtype=np.float32)
         wav = result[1] if isinstance(result, tuple) else None
