@@ -3,6 +3,7 @@ and the platform paths the end-to-end tests do not reach (idle unload timer, TTS
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 import io
 import json
@@ -175,8 +176,13 @@ async def test_idle_unload_timer(hass: HomeAssistant, make_entry) -> None:
     await engine.warmup()
     assert engine.text.loaded
     engine.text.last_used = 0.0  # long ago
-    async_fire_time_changed(hass, dt_util.utcnow() + timedelta(minutes=2))
-    await hass.async_block_till_done()
+    for minutes in (2, 4, 6):
+        async_fire_time_changed(hass, dt_util.utcnow() + timedelta(minutes=minutes))
+        await hass.async_block_till_done()
+        for _ in range(20):
+            if not engine.text.loaded:
+                break
+            await asyncio.sleep(0.05)
     assert not engine.text.loaded
     assert await hass.config_entries.async_unload(entry.entry_id)
 
@@ -227,4 +233,21 @@ async def test_ai_task_video_attachment_and_size_guard(
         await entity._describe_attachments(task)
     assert err.value.translation_key == "attachment_too_large"
     assert json.dumps(descriptions)
+    assert await hass.config_entries.async_unload(entry.entry_id)
+
+
+async def test_conversation_languages_and_unknown_llm_api(hass: HomeAssistant, make_entry) -> None:
+    """The agent takes any language; an LLM API that no longer exists is an error result, not a traceback."""
+    from homeassistant.components import conversation
+    from homeassistant.core import Context
+    from homeassistant.helpers import intent
+
+    entry = make_entry(options={"llm_hass_api": ["gone_api"]})
+    entry.add_to_hass(hass)
+    assert await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+    agent = conversation.async_get_agent(hass, "conversation.sarai")
+    assert agent.supported_languages == "*"
+    result = await conversation.async_converse(hass, "hola", None, Context(), agent_id="conversation.sarai")
+    assert result.response.response_type is intent.IntentResponseType.ERROR
     assert await hass.config_entries.async_unload(entry.entry_id)

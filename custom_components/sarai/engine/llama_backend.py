@@ -111,10 +111,6 @@ class LlamaBackend(Backend):
         if llm is not None:
             llm.close()
 
-    def count_tokens(self, text: str) -> int:
-        """Number of tokens of ``text`` (special tokens parsed)."""
-        return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
-
     def chat(self, request: ChatRequest, emit: Emit, stop: threading.Event) -> None:
         """Stream raw completion text for a chat request; stops at the next token when asked.
 

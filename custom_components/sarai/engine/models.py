@@ -210,6 +210,9 @@ def _count_safetensors_params(directory: Path) -> dict[str, int]:
                 header = json.loads(_read(fh, header_len))
         except (OSError, ValueError) as err:
             raise ModelCorrupt(f"cannot read {file}: {err}", path=str(file)) from err
+        data_end = max((int(s["data_offsets"][1]) for k, s in header.items() if k != "__metadata__"), default=0)
+        if 8 + header_len + data_end > file.stat().st_size:
+            raise ModelCorrupt(f"{file.name} is truncated", path=str(file))
         for name, spec in header.items():
             if name == "__metadata__":
                 continue

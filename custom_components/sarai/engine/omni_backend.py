@@ -96,7 +96,7 @@ class OmniBackend(Backend):
                 self.info.path, dtype=dtype, local_files_only=True
             )
             processor = Qwen2_5OmniProcessor.from_pretrained(self.info.path, local_files_only=True)
-        except (OSError, ValueError, RuntimeError, KeyError) as err:
+        except Exception as err:
             raise ModelCorrupt(f"transformers cannot load {self.info.path}: {err}", path=self.info.path) from err
         if gpu:
             model = model.to("cuda")

@@ -1,0 +1,181 @@
+"""Engine edges: queue and stream timeouts, closing with work queued, busy backends that cannot be evicted,
+warm-up failures, int8 Omni, image limits, clips cut short or starved."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import pytest
+
+from custom_components.sarai.engine import ChatMessage, ChatRequest, EngineConfig, SaraiEngine
+from custom_components.sarai.engine.errors import (
+    EngineError,
+    InsufficientMemory,
+    InvalidInput,
+    MediaUnavailable,
+    RequestTimeout,
+)
+from custom_components.sarai.engine.media import prepare_clip
+from custom_components.sarai.engine.omni_backend import MAX_IMAGE_BYTES, load_image
+
+LONG = ChatRequest([ChatMessage("user", "cuéntame una historia muy larga")], max_tokens=3000, temperature=0.0)
+
+
+async def _drain(engine: SaraiEngine, request: ChatRequest) -> str:
+    out = ""
+    async for delta in engine.chat_local(request):
+        out += delta.content
+    return out
+
+
+async def _busy(engine: SaraiEngine) -> asyncio.Task[str]:
+    task = asyncio.create_task(_drain(engine, LONG))
+    for _ in range(500):
+        await asyncio.sleep(0.01)
+        if engine.text.loaded and engine.manager.status()[0].busy:
+            break
+    return task
+
+
+async def test_queue_timeout_stream_timeout_and_close_with_queued_work(gguf_path: str) -> None:
+    """A request that waits too long for its backend, or runs too long, times out; closing refuses queued work."""
+    engine = SaraiEngine(EngineConfig(gguf_model=gguf_path, n_ctx=4096))
+    first = await _busy(engine)
+    with pytest.raises(RequestTimeout):
+        await engine.manager.call("text", lambda stop: "never", timeout_s=0.05)
+    queued = asyncio.create_task(engine.manager.call("text", lambda stop: "late"))
+    await asyncio.sleep(0.05)
+    await engine.close()
+    with pytest.raises(EngineError):
+        await queued
+    await first  # stopped at its next token by close()
+    with pytest.raises(EngineError):
+        await engine.manager.call("text", lambda stop: "closed")
+
+    engine = SaraiEngine(EngineConfig(gguf_model=gguf_path, n_ctx=4096))
+    try:
+        with pytest.raises(RequestTimeout):
+            async for _chunk in engine.manager.stream(
+                "text", lambda emit, stop: engine.text.chat(LONG, emit, stop), timeout_s=0.3
+            ):
+                pass
+    finally:
+        await engine.close()
+
+
+async def test_busy_backend_is_not_evicted(gguf_path: str, omni_path: str) -> None:
+    """With room for one model, a request for the other while the first generates gets InsufficientMemory."""
+    probe = SaraiEngine(EngineConfig(gguf_model=gguf_path, omni_model=omni_path, n_ctx=4096))
+    budget = (probe.text.estimate_bytes() + probe.manager.backend("omni").estimate_bytes()) // (1024 * 1024) - 1
+    engine = SaraiEngine(
+        EngineConfig(gguf_model=gguf_path, omni_model=omni_path, n_ctx=4096, memory_budget_mb=max(budget, 1))
+    )
+    try:
+        first = await _busy(engine)
+        with pytest.raises(InsufficientMemory) as err:
+            await engine.speak("hola", "Chelsie")
+        assert err.value.needed_mb >= 0 and err.value.budget_mb == max(budget, 1)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+    finally:
+        await engine.close()
+
+
+async def test_warmup_failure_is_logged_not_raised(gguf_path: str, caplog) -> None:
+    """A warm-up that cannot fit logs a warning; unknown names are ignored."""
+    engine = SaraiEngine(EngineConfig(gguf_model=gguf_path, memory_budget_mb=1))
+    try:
+        await engine.manager.warmup(["nope", "text"])
+        assert "Warm-up of text failed" in caplog.text
+        assert engine.manager.last_error
+    finally:
+        await engine.close()
+
+
+async def test_int8_omni_hears(gguf_path: str, omni_path: str) -> None:
+    """The int8 dynamic quantisation option loads the thinker quantised and halves the estimate."""
+    import numpy as np
+
+    plain = SaraiEngine(EngineConfig(gguf_model=gguf_path, omni_model=omni_path))
+    engine = SaraiEngine(EngineConfig(gguf_model=gguf_path, omni_model=omni_path, omni_int8=True))
+    try:
+        assert engine.manager.backend("omni").estimate_bytes() < plain.manager.backend("omni").estimate_bytes()
+        text = await engine.transcribe(np.zeros(16000, np.float32), 16000, "es")
+        assert isinstance(text, str)
+    finally:
+        await engine.close()
+        await plain.close()
+
+
+def test_image_limits() -> None:
+    """Over 20 MB and formats other than JPEG/PNG/WebP/GIF/BMP are refused."""
+    from PIL import Image
+
+    with pytest.raises(InvalidInput, match="20 MB"):
+        load_image(b"\xff" * (MAX_IMAGE_BYTES + 1))
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="TIFF")
+    with pytest.raises(InvalidInput, match="unsupported image format"):
+        load_image(buf.getvalue())
+
+
+def test_clip_cut_short_and_starved(clip_path: Path) -> None:
+    """Two seconds of a five-second clip stop reading early (video and audio); no time left is MediaUnavailable."""
+    clip = prepare_clip(str(clip_path), duration_s=2, fps=2)
+    assert clip.frame_times[-1] < 2.0
+    assert clip.audio is not None and clip.audio.size <= 2 * 16000
+    with pytest.raises(MediaUnavailable):
+        prepare_clip(str(clip_path), duration_s=1, fps=2, timeout_s=-5)
+
+
+async def test_truncated_omni_weights(tmp_path: Path, omni_path: str, gguf_path: str) -> None:
+    """Weights cut short are refused when the entry is set up (header check), and at load if cut later."""
+    import shutil
+
+    from custom_components.sarai.engine.errors import ModelCorrupt
+    from custom_components.sarai.engine.omni_backend import OmniBackend
+
+    broken = tmp_path / "omni"
+    shutil.copytree(omni_path, broken)
+    weights = next(broken.glob("*.safetensors"))
+    good = weights.read_bytes()
+    backend = OmniBackend("omni", str(broken))
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ModelCorrupt, match="truncated"):
+        SaraiEngine(EngineConfig(gguf_model=gguf_path, omni_model=str(broken)))
+    with pytest.raises(ModelCorrupt):
+        backend.load()
+
+
+async def test_media_chat_edges(gguf_path: str, mmproj_path: str) -> None:
+    """A media prompt longer than the context, a system prompt, a stop already requested, no mmproj loaded."""
+    import threading
+
+    import numpy as np
+
+    from custom_components.sarai.engine.errors import ContextOverflow, ModelCorrupt
+    from custom_components.sarai.engine.llama_backend import LlamaBackend
+
+    backend = LlamaBackend("text", gguf_path, 512, mmproj=mmproj_path)
+    backend.load()
+    try:
+        stop = threading.Event()
+        with pytest.raises(ContextOverflow):
+            backend.media_chat([("audio", np.zeros(16000 * 29, np.float32))], "transcribe", 16, stop)
+        stop.set()
+        from PIL import Image
+
+        image = Image.new("RGB", (56, 56), (10, 200, 10))
+        assert backend.media_chat([("image", image)], "hi", 16, stop, system="Eres SARAi") == ""
+    finally:
+        backend.unload()
+    plain = LlamaBackend("text", gguf_path, 512)
+    plain.load()
+    try:
+        with pytest.raises(ModelCorrupt):
+            plain.media_chat([("audio", np.zeros(1600, np.float32))], "hi", 4, threading.Event())
+    finally:
+        plain.unload()
