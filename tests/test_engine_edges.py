@@ -179,3 +179,61 @@ async def test_media_chat_edges(gguf_path: str, mmproj_path: str) -> None:
             plain.media_chat([("audio", np.zeros(1600, np.float32))], "hi", 4, threading.Event())
     finally:
         plain.unload()
+
+
+async def test_omni_processor_missing_and_speech_failure(tmp_path: Path, omni_path: str) -> None:
+    """A checkpoint without its processor files fails to load with ModelCorrupt; a failed talker run too."""
+    import shutil
+    import threading
+
+    from custom_components.sarai.engine.errors import ModelCorrupt
+    from custom_components.sarai.engine.omni_backend import OmniBackend
+
+    broken = tmp_path / "omni"
+    shutil.copytree(omni_path, broken)
+    (broken / "preprocessor_config.json").unlink(missing_ok=True)
+    (broken / "processor_config.json").unlink(missing_ok=True)
+    backend = OmniBackend("omni", str(broken))
+    with pytest.raises(ModelCorrupt):
+        backend.load()
+    good = OmniBackend("omni", omni_path)
+    good.load()
+    try:
+        with pytest.raises(ModelCorrupt, match="speech generation failed"):
+            good.speak("Hola.", "Chelsie", threading.Event(), max_codec_tokens=0)
+    finally:
+        good.unload()
+
+
+def test_clip_with_silent_track_and_damaged_middle(tmp_path: Path, clip_path: Path) -> None:
+    """An audio stream without packets degrades to video only; bytes damaged mid-file are survived or refused."""
+    import av
+    import numpy as np
+
+    path = tmp_path / "empty-audio.mp4"
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("libx264", rate=10)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+        out.add_stream("aac", rate=16000, layout="mono")
+        for i in range(10):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 20, np.uint8), format="rgb24")
+            frame.pts = i
+            for packet in vs.encode(frame):
+                out.mux(packet)
+        for packet in vs.encode():
+            out.mux(packet)
+    clip = prepare_clip(str(path), duration_s=2, fps=2)
+    assert clip.audio is None and clip.warnings  # no packets: the muxer drops the track; video only
+    assert clip.duration_s == pytest.approx(1.0, abs=0.01)
+
+    data = bytearray(clip_path.read_bytes())
+    rng = np.random.default_rng(1)
+    lo, hi = len(data) * 2 // 5, len(data) * 3 // 5
+    data[lo:hi] = rng.integers(0, 256, hi - lo, dtype=np.uint8).tobytes()
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(bytes(data))
+    try:
+        clip = prepare_clip(str(damaged), duration_s=5, fps=2)
+    except InvalidInput:
+        return
+    assert clip.frame_times

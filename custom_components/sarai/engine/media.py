@@ -128,6 +128,7 @@ def _read(
     times: list[float] = []
     start: float | None = None
     next_t = 0.0
+    last_t = 0.0
     step = 1.0 / fps
     audio_parts: list[np.ndarray] = []
     audio_start: float | None = None
@@ -148,6 +149,7 @@ def _read(
                 if t >= duration_s:
                     video_done = True
                     break
+                last_t = max(last_t, t)
                 if t + 1e-6 < next_t:
                     continue
                 if size is None:
@@ -183,7 +185,7 @@ def _read(
             warnings.append("the audio track is empty: analysed the video only")
             audio = None
     src_rate = float(vstream.average_rate) if vstream.average_rate else None
-    span = times[-1] + (1.0 / src_rate if src_rate else step)
+    span = last_t + (1.0 / src_rate if src_rate else step)
     if audio is not None:
         span = max(span, audio.size / HEAR_RATE)
     return Clip(
