@@ -24,15 +24,9 @@ from custom_components.sarai.engine import EngineConfig, SaraiEngine
 from custom_components.sarai.engine.errors import InvalidInput, MediaUnavailable
 from custom_components.sarai.engine.media import prepare_clip
 from custom_components.sarai.engine.omni_backend import load_image
+from tests.common import setup_entry as _setup, speech_metadata
 
 pytestmark = pytest.mark.usefixtures("ha_core")
-
-
-async def _setup(hass: HomeAssistant, entry) -> None:
-    entry.add_to_hass(hass)
-    assert await hass.config_entries.async_setup(entry.entry_id)
-    await hass.async_block_till_done()
-    assert entry.state is ConfigEntryState.LOADED
 
 
 async def _ask(hass: HomeAssistant, text: str = "hola") -> conversation.ConversationResult:
@@ -40,14 +34,7 @@ async def _ask(hass: HomeAssistant, text: str = "hola") -> conversation.Conversa
 
 
 def _meta(rate: int = 16000) -> stt.SpeechMetadata:
-    return stt.SpeechMetadata(
-        language="es",
-        format=stt.AudioFormats.WAV,
-        codec=stt.AudioCodecs.PCM,
-        bit_rate=stt.AudioBitRates.BITRATE_16,
-        sample_rate=rate,  # type: ignore[arg-type]
-        channel=stt.AudioChannels.CHANNEL_MONO,
-    )
+    return speech_metadata(rate)
 
 
 def _wav(seconds: float, rate: int) -> bytes:

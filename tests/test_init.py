@@ -16,16 +16,10 @@ import numpy as np
 import pytest
 
 from custom_components.sarai.const import DOMAIN
+from tests.common import setup_entry as _setup, speech_metadata
 
 pytestmark = pytest.mark.usefixtures("ha_core")
 from custom_components.sarai.diagnostics import async_get_config_entry_diagnostics
-
-
-async def _setup(hass: HomeAssistant, entry) -> None:
-    entry.add_to_hass(hass)
-    assert await hass.config_entries.async_setup(entry.entry_id)
-    await hass.async_block_till_done()
-    assert entry.state is ConfigEntryState.LOADED
 
 
 async def test_setup_unload_local_conversation(hass: HomeAssistant, make_entry) -> None:
@@ -131,14 +125,7 @@ async def test_stt_and_tts(hass: HomeAssistant, make_entry, omni_path: str) -> N
     await _setup(hass, entry)
     engine_stt = stt.async_get_speech_to_text_entity(hass, "stt.sarai_speech_to_text")
     assert engine_stt is not None
-    meta = stt.SpeechMetadata(
-        language="es",
-        format=stt.AudioFormats.WAV,
-        codec=stt.AudioCodecs.PCM,
-        bit_rate=stt.AudioBitRates.BITRATE_16,
-        sample_rate=stt.AudioSampleRates.SAMPLERATE_16000,
-        channel=stt.AudioChannels.CHANNEL_MONO,
-    )
+    meta = speech_metadata()
 
     async def stream(data: bytes):
         for i in range(0, len(data), 4096):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from homeassistant.components import assist_pipeline, conversation, stt
+from homeassistant.components import assist_pipeline, conversation
 from homeassistant.components.assist_pipeline.pipeline import (
     PipelineEventType,
     async_get_pipeline,
@@ -15,17 +15,11 @@ from homeassistant.setup import async_setup_component
 import pytest
 
 from devtools.media import make_speech_wav
+from tests.common import speech_metadata
 
 pytestmark = pytest.mark.usefixtures("ha_core")
 
-META = stt.SpeechMetadata(
-    language="es",
-    format=stt.AudioFormats.WAV,
-    codec=stt.AudioCodecs.PCM,
-    bit_rate=stt.AudioBitRates.BITRATE_16,
-    sample_rate=stt.AudioSampleRates.SAMPLERATE_16000,
-    channel=stt.AudioChannels.CHANNEL_MONO,
-)
+META = speech_metadata()
 
 
 async def _audio(data: bytes):

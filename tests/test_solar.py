@@ -19,6 +19,7 @@ from homeassistant.helpers import intent
 import pytest
 
 from custom_components.sarai.const import DOMAIN
+from tests.common import setup_entry as _setup
 
 pytestmark = pytest.mark.usefixtures("ha_core")
 
@@ -74,13 +75,6 @@ def llama_server(models_dir: Path) -> Iterator[str]:
     except subprocess.TimeoutExpired:  # pragma: no cover
         proc.kill()
     proc.stdout.close()
-
-
-async def _setup(hass: HomeAssistant, entry) -> None:
-    entry.add_to_hass(hass)
-    assert await hass.config_entries.async_setup(entry.entry_id)
-    await hass.async_block_till_done()
-    assert entry.state is ConfigEntryState.LOADED
 
 
 async def _ask(hass: HomeAssistant, text: str) -> conversation.ConversationResult:

@@ -17,15 +17,9 @@ import pytest
 from pytest_homeassistant_custom_component.common import async_capture_events
 
 from custom_components.sarai.const import DOMAIN
+from tests.common import setup_entry as _setup, speech_metadata
 
 pytestmark = pytest.mark.usefixtures("ha_core")
-
-
-async def _setup(hass: HomeAssistant, entry) -> None:
-    entry.add_to_hass(hass)
-    assert await hass.config_entries.async_setup(entry.entry_id)
-    await hass.async_block_till_done()
-    assert entry.state is ConfigEntryState.LOADED
 
 
 def _events_json(*events: dict[str, Any]) -> str:
@@ -385,14 +379,7 @@ async def test_gguf_mmproj_only_hears_sees_and_analyses_frames(
     assert hass.states.get("tts.sarai_text_to_speech") is None
     entity = stt.async_get_speech_to_text_entity(hass, "stt.sarai_speech_to_text")
     assert entity is not None
-    meta = stt.SpeechMetadata(
-        language="es",
-        format=stt.AudioFormats.WAV,
-        codec=stt.AudioCodecs.PCM,
-        bit_rate=stt.AudioBitRates.BITRATE_16,
-        sample_rate=stt.AudioSampleRates.SAMPLERATE_16000,
-        channel=stt.AudioChannels.CHANNEL_MONO,
-    )
+    meta = speech_metadata()
 
     async def audio():
         yield make_speech_wav()
