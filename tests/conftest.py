@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 import json
 from pathlib import Path
+import resource
 from typing import Any
 
 from aiohttp import web
@@ -19,6 +20,14 @@ from devtools.tiny_gguf import write_tiny_gguf
 @pytest.fixture(autouse=True)
 def auto_enable_custom_integrations(enable_custom_integrations: None) -> None:
     """Load custom_components/sarai in every test."""
+
+
+@pytest.fixture(autouse=True)
+def peak_rss_under_budget() -> Iterator[None]:
+    """Whatever a test does, the test process never grows past the default 12 GB budget."""
+    yield
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    assert peak_mb < 12000, f"peak RSS {peak_mb:.0f} MB"
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from .const import (
     CONF_IDLE_UNLOAD_MINUTES,
     CONF_MEMORY_BUDGET_MB,
     CONF_MMPROJ_MODEL,
+    CONF_OMNI_INT8,
     CONF_OMNI_MODEL,
     CONF_ROUTING_MODE,
     CONF_SOLAR_API_KEY,
@@ -68,6 +69,7 @@ def engine_config(entry: ConfigEntry) -> EngineConfig:
         solar_api_key=data.get(CONF_SOLAR_API_KEY) or None,
         routing_mode=options.get(CONF_ROUTING_MODE, "auto" if solar_url else "local"),
         solar_timeout_s=float(options.get(CONF_SOLAR_TIMEOUT, DEFAULT_SOLAR_TIMEOUT)),
+        omni_int8=bool(options.get(CONF_OMNI_INT8, False)),
     )
 
 

@@ -43,6 +43,7 @@ from .const import (
     CONF_MAX_TOKENS,
     CONF_MEMORY_BUDGET_MB,
     CONF_MMPROJ_MODEL,
+    CONF_OMNI_INT8,
     CONF_OMNI_MODEL,
     CONF_PROMPT,
     CONF_ROUTING_MODE,
@@ -261,6 +262,7 @@ class SaraiOptionsFlow(OptionsFlow):
                 vol.Optional(
                     CONF_SOLAR_TIMEOUT, default=options.get(CONF_SOLAR_TIMEOUT, DEFAULT_SOLAR_TIMEOUT)
                 ): NumberSelector(NumberSelectorConfig(min=1, max=600, step=1, mode=NumberSelectorMode.BOX)),
+                vol.Optional(CONF_OMNI_INT8, default=options.get(CONF_OMNI_INT8, False)): BooleanSelector(),
             }
         )
         return self.async_show_form(step_id="init", data_schema=schema)

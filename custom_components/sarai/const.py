@@ -24,6 +24,7 @@ CONF_ROUTING_MODE = "routing_mode"
 CONF_VOICE = "voice"
 CONF_LLM_HASS_API = "llm_hass_api"
 CONF_SOLAR_TIMEOUT = "solar_timeout"
+CONF_OMNI_INT8 = "omni_int8"
 
 DEFAULT_MEMORY_BUDGET_MB = 12000
 DEFAULT_PROMPT = (

