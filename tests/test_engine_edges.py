@@ -237,3 +237,35 @@ def test_clip_with_silent_track_and_damaged_middle(tmp_path: Path, clip_path: Pa
     except InvalidInput:
         return
     assert clip.frame_times
+
+
+async def test_live_stream_that_stalls_mid_clip(socket_enabled, tmp_path: Path) -> None:
+    """A live MPEG-TS stream that delivers its start and then stalls: MediaUnavailable after the timeout."""
+    from aiohttp import web
+
+    from devtools.media import make_clip
+
+    data = make_clip(tmp_path / "live.ts", seconds=4).read_bytes()
+    release = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "video/mp2t"})
+        await resp.prepare(request)
+        await resp.write(data[: len(data) * 3 // 4])
+        await release.wait()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/live.ts", stream)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        with pytest.raises(MediaUnavailable):
+            await asyncio.to_thread(prepare_clip, f"http://127.0.0.1:{port}/live.ts", 10.0, 2.0, True, 448 * 448, 1.0)
+    finally:
+        release.set()
+        await asyncio.sleep(0.05)
+        await runner.cleanup()

@@ -104,8 +104,6 @@ def prepare_clip(
             warnings.append("no audio track: analysed the video only")
         try:
             return _read(container, vstream, astream, duration_s, fps, max_pixels, deadline, warnings)
-        except av.error.InvalidDataError as err:
-            raise InvalidInput(f"the clip is corrupt: {err}", reason="corrupt") from err
         except (av.error.ExitError, av.error.FFmpegError) as err:
             if "timed out" in str(err).lower() or isinstance(err, av.error.ExitError):
                 raise MediaUnavailable(f"the stream stopped answering: {err}", reason="timeout") from err
@@ -137,13 +135,16 @@ def _read(
     video_done = False
     audio_done = astream is None
     streams = [s for s in (vstream, astream) if s is not None]
+    damaged = 0
     for packet in container.demux(streams):
         if time.monotonic() > deadline:
             raise MediaUnavailable("the stream did not deliver the clip in time", reason="timeout")
+        decoded = _decode(packet)
+        if decoded is None:  # a damaged packet: live streams have them; skip it, count it
+            damaged += 1
+            continue
         if packet.stream is vstream and not video_done:
-            for frame in packet.decode():
-                if frame.time is None:
-                    continue
+            for frame in decoded:
                 if start is None:
                     start = frame.time
                 t = frame.time - start
@@ -162,9 +163,7 @@ def _read(
                 next_t = (math.floor(t / step + 1e-6) + 1) * step
         elif packet.stream is astream and not audio_done:
             assert resampler is not None
-            for aframe in packet.decode():
-                if aframe.time is None:
-                    continue
+            for aframe in decoded:
                 base = start if start is not None else aframe.time
                 if audio_start is None:
                     audio_start = aframe.time - base
@@ -180,6 +179,8 @@ def _read(
             audio_parts.append(out.to_ndarray().reshape(-1))
     if not frames:
         raise InvalidInput("the clip has no decodable video frames", reason="empty")
+    if damaged:
+        warnings.append(f"{damaged} damaged packets skipped")
     audio = None
     if astream is not None:
         audio = np.concatenate(audio_parts).astype(np.float32) if audio_parts else np.zeros(0, np.float32)
@@ -201,6 +202,16 @@ def _read(
         source_fps=src_rate,
         warnings=warnings,
     )
+
+
+def _decode(packet: Any) -> list[Any] | None:
+    """The timestamped frames of one packet, or None when the packet is damaged."""
+    import av
+
+    try:
+        return [frame for frame in packet.decode() if frame.time is not None]
+    except av.error.InvalidDataError:
+        return None
 
 
 def naive_prepare(source: str, fps: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
