@@ -31,7 +31,7 @@ def _audio_positions(channels: int, length: int = 1500) -> np.ndarray:
     return np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1).astype(np.float32)
 
 
-def write_tiny_mmproj(omni_dir: Path, out: Path) -> Path:
+def write_tiny_mmproj(omni_dir: Path, out: Path, projector: str = "qwen2.5o") -> Path:
     """Convert ``omni_dir``'s thinker audio and vision towers into an mmproj GGUF at ``out``."""
     import gguf
 
@@ -72,7 +72,7 @@ def write_tiny_mmproj(omni_dir: Path, out: Path) -> Path:
     writer.add_uint32("clip.audio.attention.head_count", int(audio["encoder_attention_heads"]))
     writer.add_uint32("clip.audio.num_mel_bins", int(audio["num_mel_bins"]))
     writer.add_float32("clip.audio.attention.layer_norm_epsilon", float(audio.get("layer_norm_eps", 1e-5)))
-    writer.add_string("clip.projector_type", "qwen2.5o")
+    writer.add_string("clip.projector_type", projector)
     writer.add_bool("clip.use_silu", True)
     writer.add_uint32("clip.vision.n_wa_pattern", int(full[0]) + 1)
     writer.add_float32("clip.vision.attention.layer_norm_epsilon", float(config.get("rms_norm_eps", 1e-6)))

@@ -269,3 +269,16 @@ async def test_live_stream_that_stalls_mid_clip(socket_enabled, tmp_path: Path) 
         release.set()
         await asyncio.sleep(0.05)
         await runner.cleanup()
+
+
+def test_mmproj_libmtmd_refuses(tmp_path: Path, gguf_path: str, omni_path: str) -> None:
+    """An mmproj whose projector libmtmd does not know: ModelCorrupt at load, and the text model is released."""
+    from custom_components.sarai.engine.errors import ModelCorrupt
+    from custom_components.sarai.engine.llama_backend import LlamaBackend
+    from devtools.tiny_mmproj import write_tiny_mmproj
+
+    bad = write_tiny_mmproj(Path(omni_path), tmp_path / "bad.gguf", projector="nonsense")
+    backend = LlamaBackend("text", gguf_path, 512, mmproj=str(bad))
+    with pytest.raises(ModelCorrupt, match="libmtmd"):
+        backend.load()
+    assert not backend.loaded
