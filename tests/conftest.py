@@ -15,6 +15,7 @@ from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 from custom_components.sarai.const import DOMAIN
 from devtools.tiny_gguf import write_tiny_gguf
+from tests.common import local_server
 
 
 @pytest.fixture(autouse=True)
@@ -168,16 +169,9 @@ async def solar(socket_enabled: None) -> AsyncIterator[ScriptedSolar]:
     app = web.Application()
     app.router.add_get("/v1/models", server.models)
     app.router.add_post("/v1/chat/completions", server.chat)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    server.url = f"http://127.0.0.1:{port}/v1"
-    yield server
-    server.released.set()
-    await asyncio.sleep(0.05)
-    await runner.cleanup()
+    async with local_server(app, release=server.released) as url:
+        server.url = f"{url}/v1"
+        yield server
 
 
 @pytest.fixture

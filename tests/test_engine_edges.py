@@ -244,6 +244,7 @@ async def test_live_stream_that_stalls_mid_clip(socket_enabled, tmp_path: Path) 
     from aiohttp import web
 
     from devtools.media import make_clip
+    from tests.common import local_server
 
     data = make_clip(tmp_path / "live.ts", seconds=4).read_bytes()
     release = asyncio.Event()
@@ -257,18 +258,9 @@ async def test_live_stream_that_stalls_mid_clip(socket_enabled, tmp_path: Path) 
 
     app = web.Application()
     app.router.add_get("/live.ts", stream)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    async with local_server(app, release=release) as url:
         with pytest.raises(MediaUnavailable):
-            await asyncio.to_thread(prepare_clip, f"http://127.0.0.1:{port}/live.ts", 10.0, 2.0, True, 448 * 448, 1.0)
-    finally:
-        release.set()
-        await asyncio.sleep(0.05)
-        await runner.cleanup()
+            await asyncio.to_thread(prepare_clip, f"{url}/live.ts", 10.0, 2.0, True, 448 * 448, 1.0)
 
 
 def test_mmproj_libmtmd_refuses(tmp_path: Path, gguf_path: str, omni_path: str) -> None:

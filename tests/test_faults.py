@@ -7,7 +7,6 @@ import asyncio
 import io
 import logging
 from pathlib import Path
-import wave
 
 from aiohttp import web
 from homeassistant.components import conversation, stt
@@ -23,7 +22,7 @@ from custom_components.sarai.engine import EngineConfig, SaraiEngine
 from custom_components.sarai.engine.errors import InvalidInput, MediaUnavailable
 from custom_components.sarai.engine.media import prepare_clip
 from custom_components.sarai.engine.omni_backend import load_image
-from tests.common import setup_entry as _setup, speech_metadata
+from tests.common import chunked, local_server, setup_entry as _setup, speech_metadata, tone_wav
 
 pytestmark = pytest.mark.usefixtures("ha_core")
 
@@ -34,22 +33,6 @@ async def _ask(hass: HomeAssistant, text: str = "hola") -> conversation.Conversa
 
 def _meta(rate: int = 16000) -> stt.SpeechMetadata:
     return speech_metadata(rate)
-
-
-def _wav(seconds: float, rate: int) -> bytes:
-    t = np.arange(int(seconds * rate)) / rate
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
-
-
-async def _stream(data: bytes):
-    for i in range(0, len(data), 32000):
-        yield data[i : i + 32000]
 
 
 async def test_corrupt_gguf_at_setup(hass: HomeAssistant, make_entry, tmp_path: Path, gguf_path: str) -> None:
@@ -206,16 +189,18 @@ async def test_stt_rates_and_lengths(hass: HomeAssistant, make_entry, mmproj_pat
     entry = make_entry({"mmproj_model": mmproj_path})
     await _setup(hass, entry)
     entity = stt.async_get_speech_to_text_entity(hass, "stt.sarai_speech_to_text")
-    assert (await entity.async_process_audio_stream(_meta(), _stream(_wav(1, 8000)))).result is (
+    assert (await entity.async_process_audio_stream(_meta(), chunked(tone_wav(1, 8000), 32000))).result is (
         stt.SpeechResultState.SUCCESS
     )
-    raw = _wav(1, 16000)[44:]
-    assert (await entity.async_process_audio_stream(_meta(), _stream(raw))).result is stt.SpeechResultState.SUCCESS
+    raw = tone_wav(1, 16000)[44:]
+    assert (
+        await entity.async_process_audio_stream(_meta(), chunked(raw, 32000))
+    ).result is stt.SpeechResultState.SUCCESS
     with caplog.at_level(logging.WARNING):
-        long = await entity.async_process_audio_stream(_meta(), _stream(_wav(70, 16000)))
+        long = await entity.async_process_audio_stream(_meta(), chunked(tone_wav(70, 16000), 32000))
     assert long.result is stt.SpeechResultState.SUCCESS
     assert "longer than" in caplog.text
-    odd = await entity.async_process_audio_stream(_meta(), _stream(b"\x01"))
+    odd = await entity.async_process_audio_stream(_meta(), chunked(b"\x01", 32000))
     assert odd.result is stt.SpeechResultState.ERROR
     assert await hass.config_entries.async_unload(entry.entry_id)
 
@@ -243,18 +228,9 @@ async def test_stream_that_never_answers(socket_enabled) -> None:
 
     app = web.Application()
     app.router.add_get("/stream.mp4", hang)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    async with local_server(app, release=done) as url:
         with pytest.raises((MediaUnavailable, InvalidInput)):
-            await asyncio.to_thread(prepare_clip, f"http://127.0.0.1:{port}/stream.mp4", 2.0, 2.0, True, 448 * 448, 1.0)
-    finally:
-        done.set()
-        await asyncio.sleep(0.05)
-        await runner.cleanup()
+            await asyncio.to_thread(prepare_clip, f"{url}/stream.mp4", 2.0, 2.0, True, 448 * 448, 1.0)
 
 
 def test_clip_requests_out_of_range(clip_path: Path) -> None:

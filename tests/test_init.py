@@ -12,11 +12,10 @@ from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import intent, issue_registry as ir
 from homeassistant.setup import async_setup_component
-import numpy as np
 import pytest
 
 from custom_components.sarai.const import DOMAIN
-from tests.common import setup_entry as _setup, speech_metadata
+from tests.common import chunked, setup_entry as _setup, speech_metadata, tone_wav
 
 pytestmark = pytest.mark.usefixtures("ha_core")
 from custom_components.sarai.diagnostics import async_get_config_entry_diagnostics
@@ -107,18 +106,6 @@ async def test_remote_down_falls_back_local_and_key_rejected_starts_reauth(
     assert await hass.config_entries.async_unload(entry.entry_id)
 
 
-def _wav(seconds: float = 1.0, rate: int = 16000) -> bytes:
-    t = np.arange(int(seconds * rate)) / rate
-    pcm = (0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype("<i2").tobytes()
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm)
-    return buf.getvalue()
-
-
 async def test_stt_and_tts(hass: HomeAssistant, make_entry, omni_path: str) -> None:
     """STT hears a WAV; TTS speaks 24 kHz WAV, whole and streamed sentence by sentence."""
     entry = make_entry({"omni_model": omni_path})
@@ -127,13 +114,9 @@ async def test_stt_and_tts(hass: HomeAssistant, make_entry, omni_path: str) -> N
     assert engine_stt is not None
     meta = speech_metadata()
 
-    async def stream(data: bytes):
-        for i in range(0, len(data), 4096):
-            yield data[i : i + 4096]
-
-    result = await engine_stt.async_process_audio_stream(meta, stream(_wav()))
+    result = await engine_stt.async_process_audio_stream(meta, chunked(tone_wav()))
     assert result.result is stt.SpeechResultState.SUCCESS
-    empty = await engine_stt.async_process_audio_stream(meta, stream(b""))
+    empty = await engine_stt.async_process_audio_stream(meta, chunked(b""))
     assert empty.result is stt.SpeechResultState.ERROR
     bad = stt.SpeechMetadata(
         language="es",
@@ -143,7 +126,7 @@ async def test_stt_and_tts(hass: HomeAssistant, make_entry, omni_path: str) -> N
         sample_rate=stt.AudioSampleRates.SAMPLERATE_16000,
         channel=stt.AudioChannels.CHANNEL_MONO,
     )
-    assert (await engine_stt.async_process_audio_stream(bad, stream(_wav()))).result is stt.SpeechResultState.ERROR
+    assert (await engine_stt.async_process_audio_stream(bad, chunked(tone_wav()))).result is stt.SpeechResultState.ERROR
 
     entity = hass.data[tts.DATA_COMPONENT].get_entity("tts.sarai_text_to_speech")
     assert [v.voice_id for v in entity.async_get_supported_voices("es")] == ["Chelsie", "Ethan"]

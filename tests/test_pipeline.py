@@ -15,16 +15,11 @@ from homeassistant.setup import async_setup_component
 import pytest
 
 from devtools.media import make_speech_wav
-from tests.common import speech_metadata
+from tests.common import chunked, speech_metadata
 
 pytestmark = pytest.mark.usefixtures("ha_core")
 
 META = speech_metadata()
-
-
-async def _audio(data: bytes):
-    for i in range(0, len(data), 3200):
-        yield data[i : i + 3200]
 
 
 async def test_assist_pipeline_audio_to_tool_call_to_speech(
@@ -64,7 +59,7 @@ async def test_assist_pipeline_audio_to_tool_call_to_speech(
         context=Context(),
         event_callback=events.append,
         stt_metadata=META,
-        stt_stream=_audio(make_speech_wav()),
+        stt_stream=chunked(make_speech_wav(), 3200),
         pipeline_id=pipeline.id,
         tts_audio_output="wav",
     )
