@@ -191,8 +191,25 @@ class SaraiEngine:
         finally:
             route.duration_s = round(time.monotonic() - route.started, 4)
 
-    async def _chat_remote_with_fallback(self, request: ChatRequest, route: RouteInfo) -> AsyncIterator[ChatDelta]:
+    async def _remote(self, request: ChatRequest) -> AsyncIterator[ChatDelta]:
+        """Stream from SOLAR, keeping the circuit breaker, the "down" log and the reauth hook up to date."""
         assert self.solar is not None
+        try:
+            async for delta in self.solar.chat_stream(request):
+                yield delta
+        except RemoteError as err:
+            if isinstance(err, RemoteAuthError) and self._on_auth_error is not None:
+                self._on_auth_error()
+            if self.breaker.failure(str(err)) or not self._remote_down_logged:
+                _LOGGER.warning("SOLAR server failed: %s", err)
+                self._remote_down_logged = True
+            raise
+        self.breaker.success()
+        if self._remote_down_logged:
+            _LOGGER.info("SOLAR server is answering again")
+            self._remote_down_logged = False
+
+    async def _chat_remote_with_fallback(self, request: ChatRequest, route: RouteInfo) -> AsyncIterator[ChatDelta]:
         if not self.breaker.allow():
             route.route, route.fallback = "local", f"circuit breaker open: {self.breaker.last_error}"
             async for delta in self.chat_local(request):
@@ -200,25 +217,15 @@ class SaraiEngine:
             return
         started = False
         try:
-            async for delta in self.solar.chat_stream(request):
+            async for delta in self._remote(request):
                 started = True
                 yield delta
         except RemoteError as err:
-            if isinstance(err, RemoteAuthError) and self._on_auth_error is not None:
-                self._on_auth_error()
-            if self.breaker.failure(str(err)) or not self._remote_down_logged:
-                _LOGGER.warning("SOLAR server failed, answering locally: %s", err)
-                self._remote_down_logged = True
-            if started:
+            if started:  # generation is not idempotent: no second, different answer
                 raise
             route.route, route.fallback = "local", f"remote failed: {err}"
             async for delta in self.chat_local(request):
                 yield delta
-            return
-        self.breaker.success()
-        if self._remote_down_logged:
-            _LOGGER.info("SOLAR server is answering again")
-            self._remote_down_logged = False
 
     async def _chat_local_with_fallback(self, request: ChatRequest, route: RouteInfo) -> AsyncIterator[ChatDelta]:
         started = False
@@ -230,18 +237,8 @@ class SaraiEngine:
             if started or self.solar is None or not self.breaker.allow() or self.config.routing_mode == "local":
                 raise
             route.route, route.fallback = "remote", f"local failed: {err}"
-            async for delta in self._chat_remote_with_fallback_no_local(request):
+            async for delta in self._remote(request):
                 yield delta
-
-    async def _chat_remote_with_fallback_no_local(self, request: ChatRequest) -> AsyncIterator[ChatDelta]:
-        assert self.solar is not None
-        try:
-            async for delta in self.solar.chat_stream(request):
-                yield delta
-        except RemoteError as err:
-            self.breaker.failure(str(err))
-            raise
-        self.breaker.success()
 
     # -- hearing, seeing, speaking, video -----------------------------------------------
 
