@@ -49,12 +49,8 @@ def async_setup_services(hass: HomeAssistant) -> None:
         if camera_id := data.get(ATTR_CAMERA):
             try:
                 source = await async_get_stream_source(hass, camera_id)
-            except HomeAssistantError as err:
-                raise ServiceValidationError(
-                    translation_domain=DOMAIN,
-                    translation_key="no_stream_source",
-                    translation_placeholders={"camera": camera_id},
-                ) from err
+            except HomeAssistantError:  # not a camera, or the camera cannot say
+                source = None
             if not source:
                 raise ServiceValidationError(
                     translation_domain=DOMAIN,
