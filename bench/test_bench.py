@@ -29,8 +29,8 @@ import pytest
 
 from custom_components.sarai.engine.audio import decode_wav
 from custom_components.sarai.engine.manager import process_rss_bytes
-from custom_components.sarai.engine.media import naive_prepare, prepare_clip
-from devtools.media import make_clip, make_speech_wav
+from custom_components.sarai.engine.media import prepare_clip
+from devtools.media import make_clip, make_speech_wav, naive_prepare
 from devtools.tiny_gguf import write_tiny_gguf
 
 QUICK = os.environ.get("SARAI_BENCH_QUICK") == "1"

@@ -90,3 +90,17 @@ def make_speech_wav(text: str = "enciende la luz de la cocina", rate: int = 1600
         w.setframerate(rate)
         w.writeframes(np.clip(pcm, -32768, 32767).astype("<i2").tobytes())
     return buf.getvalue()
+
+
+def naive_prepare(source: str, fps: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """The naive reference for benchmarks: decode every frame to RGB, pick by index, decode all audio."""
+    import av
+
+    with av.open(source) as container:
+        all_frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        rate = float(container.streams.video[0].average_rate or 25)
+    picked = np.stack(all_frames[:: max(1, round(rate / fps))])
+    with av.open(source) as container:
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=16000)
+        parts = [o.to_ndarray().reshape(-1) for f in container.decode(audio=0) for o in resampler.resample(f)]
+    return picked, np.concatenate(parts) if parts else np.zeros(0, np.float32)

@@ -25,10 +25,11 @@ from custom_components.sarai.diagnostics import _version
 from custom_components.sarai.engine import audio
 from custom_components.sarai.engine.errors import InvalidInput, ModelCorrupt, ModelMissing, RemoteProtocolError
 from custom_components.sarai.engine.events import event_schema, parse_events
-from custom_components.sarai.engine.media import naive_prepare, prepare_clip, target_size
+from custom_components.sarai.engine.media import prepare_clip, target_size
 from custom_components.sarai.engine.models import GGUFInfo, inspect_mmproj, inspect_omni, read_gguf_metadata
 from custom_components.sarai.engine.solar import SolarClient
 from custom_components.sarai.engine.tools import parse_tool_call
+from devtools.media import naive_prepare
 
 pytestmark = pytest.mark.usefixtures("ha_core")
 LABELS = ["person", "dog barking"]

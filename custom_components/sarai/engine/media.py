@@ -212,17 +212,3 @@ def _decode(packet: Any) -> list[Any] | None:
         return [frame for frame in packet.decode() if frame.time is not None]
     except av.error.InvalidDataError:
         return None
-
-
-def naive_prepare(source: str, fps: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
-    """Reference for benchmarks only: decode every frame to RGB, pick by index, decode all audio."""
-    import av
-
-    with av.open(source) as container:
-        all_frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-        rate = float(container.streams.video[0].average_rate or 25)
-    picked = np.stack(all_frames[:: max(1, round(rate / fps))])
-    with av.open(source) as container:
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=HEAR_RATE)
-        parts = [o.to_ndarray().reshape(-1) for f in container.decode(audio=0) for o in resampler.resample(f)]
-    return picked, np.concatenate(parts) if parts else np.zeros(0, np.float32)
