@@ -10,6 +10,7 @@ import resource
 from typing import Any
 
 from aiohttp import web
+from homeassistant.config_entries import ConfigSubentryData
 import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
@@ -63,17 +64,35 @@ def mmproj_path(models_dir: Path) -> str:
     return str(models_dir / "mmproj.gguf")
 
 
+def agent_subentries(options: dict[str, Any]) -> list[ConfigSubentryData]:
+    """The assistants' sub-entries of a version-2 entry: one conversation agent, one AI Task agent."""
+    from custom_components.sarai.const import AGENT_OPTION_KEYS
+
+    agent = {k: v for k, v in options.items() if k in AGENT_OPTION_KEYS}
+    agent.setdefault("llm_hass_api", ["assist"])
+    return [
+        ConfigSubentryData(data=dict(agent), subentry_type="conversation", title="SARAi", unique_id=None),
+        ConfigSubentryData(data=dict(agent), subentry_type="ai_task_data", title="SARAi AI Task", unique_id=None),
+    ]
+
+
 @pytest.fixture
 def make_entry(gguf_path: str) -> Callable[..., MockConfigEntry]:
-    """Build a config entry for the tiny models."""
+    """Build a config entry for the tiny models: engine settings in the entry, assistant settings
+    (prompt, tools, sampling, routing) in its two assistant sub-entries."""
+    from custom_components.sarai.const import AGENT_OPTION_KEYS
 
     def _make(data: dict[str, Any] | None = None, options: dict[str, Any] | None = None) -> MockConfigEntry:
+        merged = {"context_size": 16384, "max_tokens": 24, "temperature": 0.0, **(options or {})}
         return MockConfigEntry(
             domain=DOMAIN,
             title="SARAi",
             unique_id=DOMAIN,
+            version=2,
+            minor_version=1,
             data={"gguf_model": gguf_path, "memory_budget_mb": 12000, **(data or {})},
-            options={"context_size": 16384, "max_tokens": 24, "temperature": 0.0, **(options or {})},
+            options={k: v for k, v in merged.items() if k not in AGENT_OPTION_KEYS or k == "routing_mode"},
+            subentries_data=agent_subentries(merged),
         )
 
     return _make

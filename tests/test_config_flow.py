@@ -98,7 +98,7 @@ async def test_solar_url_errors(hass: HomeAssistant, gguf_path: str, solar) -> N
     result = await hass.config_entries.flow.async_configure(
         flow_id, {**base, "solar_url": solar.url, "solar_api_key": "bad"}
     )
-    assert result["errors"] == {"solar_url": "invalid_auth"}
+    assert result["errors"] == {"solar_api_key": "invalid_auth"}
     result = await hass.config_entries.flow.async_configure(
         flow_id, {**base, "solar_url": solar.url.replace("/v1", "/v1/chat"), "solar_api_key": "good"}
     )
@@ -120,68 +120,28 @@ async def test_single_instance(hass: HomeAssistant, make_entry) -> None:
 
 
 async def test_options_flow(hass: HomeAssistant, make_entry) -> None:
-    """Options are saved and the entry reloads."""
+    """The engine's options are saved and the entry reloads; the assistants' settings are not among them."""
     entry = make_entry()
     entry.add_to_hass(hass)
     assert await hass.config_entries.async_setup(entry.entry_id)
     result = await hass.config_entries.options.async_init(entry.entry_id)
     assert result["type"] is FlowResultType.FORM
+    fields = {str(key) for key in result["data_schema"].schema}
+    assert {"prompt", "temperature", "llm_hass_api"}.isdisjoint(fields)
     result = await hass.config_entries.options.async_configure(
         result["flow_id"],
         {
-            "prompt": "Hola",
-            "temperature": 0.2,
-            "max_tokens": 32,
             "context_size": 1024,
+            "threads": 1,
             "warmup": True,
             "idle_unload_minutes": 5,
             "routing_mode": "local",
             "voice": "Ethan",
-            "llm_hass_api": [],
         },
     )
     assert result["type"] is FlowResultType.CREATE_ENTRY
     await hass.async_block_till_done()
     assert entry.options["voice"] == "Ethan"
-    assert "llm_hass_api" not in entry.options
+    assert entry.runtime_data.engine.text.n_threads == 1
     assert entry.state is config_entries.ConfigEntryState.LOADED
-    assert await hass.config_entries.async_unload(entry.entry_id)
-
-
-async def test_reconfigure(hass: HomeAssistant, make_entry, models_dir: Path) -> None:
-    """Reconfigure validates and updates the paths."""
-    entry = make_entry()
-    entry.add_to_hass(hass)
-    result = await entry.start_reconfigure_flow(hass)
-    assert result["step_id"] == "reconfigure"
-    result = await hass.config_entries.flow.async_configure(
-        result["flow_id"], {"gguf_model": "/missing.gguf", "memory_budget_mb": 8000}
-    )
-    assert result["errors"] == {"gguf_model": "gguf_not_found"}
-    other = str(models_dir / "tiny-qwen2.gguf")
-    result = await hass.config_entries.flow.async_configure(
-        result["flow_id"], {"gguf_model": other, "memory_budget_mb": 8000}
-    )
-    assert result["type"] is FlowResultType.ABORT
-    assert result["reason"] == "reconfigure_successful"
-    await hass.async_block_till_done()
-    assert entry.data["gguf_model"] == other
-    assert entry.data["memory_budget_mb"] == 8000
-    assert await hass.config_entries.async_unload(entry.entry_id)
-
-
-async def test_reauth(hass: HomeAssistant, make_entry, solar) -> None:
-    """A rejected key is replaced through reauth."""
-    solar.api_key = "new"
-    entry = make_entry({"solar_url": solar.url, "solar_api_key": "old"})
-    entry.add_to_hass(hass)
-    result = await entry.start_reauth_flow(hass)
-    assert result["step_id"] == "reauth_confirm"
-    result = await hass.config_entries.flow.async_configure(result["flow_id"], {"solar_api_key": "wrong"})
-    assert result["errors"] == {"base": "invalid_auth"}
-    result = await hass.config_entries.flow.async_configure(result["flow_id"], {"solar_api_key": "new"})
-    assert result["type"] is FlowResultType.ABORT
-    assert result["reason"] == "reauth_successful"
-    await hass.async_block_till_done()
-    assert entry.data["solar_api_key"] == "new"
     assert await hass.config_entries.async_unload(entry.entry_id)

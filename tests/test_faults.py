@@ -116,7 +116,7 @@ async def test_prompt_longer_than_context(hass: HomeAssistant, make_entry, solar
 
 async def test_fifty_concurrent_conversations(hass: HomeAssistant, make_entry) -> None:
     """50 turns at once: all answered, one model load, nothing lost."""
-    entry = make_entry(options={"llm_hass_api": [], "max_tokens": 4})
+    entry = make_entry(options={"llm_hass_api": [], "max_tokens": 24})
     await _setup(hass, entry)
     results = await asyncio.gather(*(_ask(hass, f"hola {i}") for i in range(50)))
     assert all(r.response.response_type is intent.IntentResponseType.ACTION_DONE for r in results)

@@ -43,10 +43,10 @@ async def test_camera_subentry_scan_and_unload(hass: HomeAssistant, make_entry, 
         result["flow_id"], {"camera_entity": "camera.front_door", "prompt": "¿Hay alguien?", "scan_interval_minutes": 0}
     )
     assert done["type"] is FlowResultType.CREATE_ENTRY
-    assert done["title"] == "Front door analysis"
+    assert done["title"] == "Front door"  # the camera's name; the entity adds its translated name
     await hass.async_block_till_done()  # the update listener reloads the entry
     assert entry.state is ConfigEntryState.LOADED
-    entity_id = "image_processing.sarai_front_door_analysis"
+    entity_id = "image_processing.front_door_analysis"
     assert hass.states.get(entity_id) is not None, hass.states.async_entity_ids("image_processing")
     events = async_capture_events(hass, "sarai_image_analyzed")
     await hass.services.async_call("image_processing", "scan", {"entity_id": entity_id}, blocking=True)
@@ -114,7 +114,7 @@ async def test_camera_subentry_reconfigure_and_interval(
     )
     assert done["reason"] == "reconfigure_successful"
     await hass.async_block_till_done()
-    state = hass.states.get("image_processing.sarai_door")
+    state = hass.states.get("image_processing.door_analysis")
     assert state.attributes["prompt"] == "q2"
     assert await hass.config_entries.async_unload(entry.entry_id)
 
@@ -148,7 +148,7 @@ async def test_ai_task_camera_attachment_text_and_structure(
     )
     assert result.data == {"people": 1, "summary": "una persona"}
     assert any("What the attachments show" in str(m["content"]) for m in solar.requests[-1]["messages"])
-    assert solar.requests[-1]["response_format"]["type"] == "json_object"
+    assert solar.requests[-1]["response_format"]["type"] == "json_schema"
 
     solar.replies = [{"text": "nope"}, {"text": '{"people": "many"}'}]
     with pytest.raises(HomeAssistantError) as err:
@@ -172,7 +172,7 @@ async def test_ai_task_bad_attachments(hass: HomeAssistant, make_entry, omni_pat
     fake_jpeg.write_bytes(b"\xff\xd8 not really")
     for path, mime, key in (
         (text_file, "text/plain", "unsupported_attachment"),
-        (fake_jpeg, "image/jpeg", "invalid_input"),
+        (fake_jpeg, "image/jpeg", "image_invalid"),
     ):
         task = ai_task.GenDataTask(
             name="t", instructions="describe", attachments=[Attachment("media-source://x", mime, path)]
@@ -263,9 +263,9 @@ async def test_analyze_video_file_events_and_bad_inputs(
     silent = make_clip(tmp_path / "silent.mp4", seconds=2, audio=False)
     cases = [
         ({"file_path": "/etc/passwd"}, "path_not_allowed"),
-        ({"file_path": str(garbage)}, "invalid_input"),
-        ({"file_path": str(broken)}, "invalid_input"),
-        ({"file_path": str(tmp_path / "missing.mp4")}, "invalid_input"),
+        ({"file_path": str(garbage)}, "video_invalid"),
+        ({"file_path": str(broken)}, "video_invalid"),
+        ({"file_path": str(tmp_path / "missing.mp4")}, "file_missing"),
     ]
     for data, key in cases:
         with pytest.raises(HomeAssistantError) as err:
@@ -304,7 +304,7 @@ async def test_video_needs_omni(hass: HomeAssistant, make_entry, clip_path: Path
         await hass.services.async_call(
             DOMAIN, "analyze_video", {"file_path": str(clip_path)}, blocking=True, return_response=True
         )
-    assert err.value.translation_key == "unsupported_modality"
+    assert err.value.translation_key == "unsupported_video"
     assert await hass.config_entries.async_unload(entry.entry_id)
 
 

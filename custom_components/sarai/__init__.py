@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
+from types import MappingProxyType
+from typing import Any
 
-from homeassistant.config_entries import ConfigEntry
+from homeassistant.config_entries import ConfigEntry, ConfigSubentry
 from homeassistant.const import EVENT_HOMEASSISTANT_STOP, Platform
 from homeassistant.core import Event, HomeAssistant, callback
 from homeassistant.exceptions import ConfigEntryError
-from homeassistant.helpers import config_validation as cv, issue_registry as ir
+from homeassistant.helpers import (
+    config_validation as cv,
+    device_registry as dr,
+    entity_registry as er,
+    issue_registry as ir,
+    llm,
+)
 from homeassistant.helpers.aiohttp_client import async_get_clientsession
 from homeassistant.helpers.event import async_track_time_interval
 from homeassistant.helpers.typing import ConfigType
 from homeassistant.setup import async_setup_component
 
 from .const import (
+    AGENT_OPTION_KEYS,
     CONF_CONTEXT_SIZE,
     CONF_GGUF_MODEL,
     CONF_IDLE_UNLOAD_MINUTES,
+    CONF_LLM_HASS_API,
     CONF_MEMORY_BUDGET_MB,
     CONF_MMPROJ_MODEL,
     CONF_OMNI_INT8,
@@ -27,16 +37,21 @@ from .const import (
     CONF_SOLAR_API_KEY,
     CONF_SOLAR_TIMEOUT,
     CONF_SOLAR_URL,
+    CONF_THREADS,
     CONF_WARMUP,
+    DEFAULT_AI_TASK_NAME,
     DEFAULT_CONTEXT_SIZE,
+    DEFAULT_CONVERSATION_NAME,
     DEFAULT_MEMORY_BUDGET_MB,
     DEFAULT_SOLAR_TIMEOUT,
     DOMAIN,
     LOGGER,
+    SUBENTRY_AI_TASK,
     SUBENTRY_CAMERA,
+    SUBENTRY_CONVERSATION,
 )
 from .engine import EngineConfig, SaraiEngine
-from .engine.errors import ModelCorrupt, ModelMissing
+from .engine.errors import DependencyMissing, ModelCorrupt, ModelMissing
 from .services import async_setup_services
 
 PLATFORMS = [Platform.AI_TASK, Platform.CONVERSATION, Platform.SENSOR, Platform.STT, Platform.TTS]
@@ -49,22 +64,23 @@ class SaraiData:
 
     engine: SaraiEngine
     image_processing: bool = False
-    listeners: list[object] = field(default_factory=list)
 
 
 type SaraiConfigEntry = ConfigEntry[SaraiData]
 
 
 def engine_config(entry: ConfigEntry) -> EngineConfig:
-    """Build the engine's plain configuration from the entry."""
+    """Build the engine's plain configuration from the entry (the engine settings, not the assistants')."""
     data, options = entry.data, entry.options
     solar_url = data.get(CONF_SOLAR_URL) or None
+    threads = int(options.get(CONF_THREADS, 0) or 0)
     return EngineConfig(
         gguf_model=data[CONF_GGUF_MODEL],
         mmproj_model=data.get(CONF_MMPROJ_MODEL) or None,
         omni_model=data.get(CONF_OMNI_MODEL) or None,
         memory_budget_mb=int(data.get(CONF_MEMORY_BUDGET_MB, DEFAULT_MEMORY_BUDGET_MB)),
         n_ctx=int(options.get(CONF_CONTEXT_SIZE, DEFAULT_CONTEXT_SIZE)),
+        n_threads=threads or None,
         solar_url=solar_url,
         solar_api_key=data.get(CONF_SOLAR_API_KEY) or None,
         routing_mode=options.get(CONF_ROUTING_MODE, "auto" if solar_url else "local"),
@@ -90,7 +106,13 @@ async def async_setup_entry(hass: HomeAssistant, entry: SaraiConfigEntry) -> boo
     session = async_get_clientsession(hass)
     try:
         engine = await hass.async_add_executor_job(SaraiEngine, config, session, _auth_failed)
+    except DependencyMissing as err:
+        LOGGER.error("SARAi cannot run in Home Assistant's process: %s", err)
+        raise ConfigEntryError(
+            translation_domain=DOMAIN, translation_key=err.translation_key, translation_placeholders=err.placeholders
+        ) from err
     except (ModelMissing, ModelCorrupt) as err:
+        LOGGER.debug("Model check failed: %s", err)
         ir.async_create_issue(
             hass,
             DOMAIN,
@@ -98,7 +120,7 @@ async def async_setup_entry(hass: HomeAssistant, entry: SaraiConfigEntry) -> boo
             is_fixable=False,
             severity=ir.IssueSeverity.ERROR,
             translation_key="model_unusable",
-            translation_placeholders={"error": str(err)},
+            translation_placeholders={"file": err.placeholders.get("file", "")},
         )
         raise ConfigEntryError(
             translation_domain=DOMAIN, translation_key=err.translation_key, translation_placeholders=err.placeholders
@@ -123,6 +145,15 @@ async def async_setup_entry(hass: HomeAssistant, entry: SaraiConfigEntry) -> boo
     else:
         ir.async_delete_issue(hass, DOMAIN, "budget_too_small")
     entry.runtime_data = SaraiData(engine)
+    LOGGER.debug(
+        "Engine ready: capabilities %s, budget %d MB, text model ~%d MB, context %d, threads %s, %d sub-entries",
+        engine.capabilities,
+        config.memory_budget_mb,
+        needed_mb,
+        config.n_ctx,
+        config.n_threads or "physical cores",
+        len(entry.subentries),
+    )
     if not engine.can("hear"):
         LOGGER.info("Speech-to-text is off: configure the mmproj (mmproj_model) or the Omni checkpoint (omni_model)")
     if not engine.can("speak"):
@@ -162,7 +193,7 @@ async def _async_setup_image_processing(hass: HomeAssistant, entry: SaraiConfigE
 
 
 async def _async_update_listener(hass: HomeAssistant, entry: SaraiConfigEntry) -> None:
-    """Options, data or camera subentries changed: reload."""
+    """Options, data or sub-entries changed: reload."""
     await hass.config_entries.async_reload(entry.entry_id)
 
 
@@ -176,3 +207,48 @@ async def async_unload_entry(hass: HomeAssistant, entry: SaraiConfigEntry) -> bo
     if unloaded:
         await entry.runtime_data.engine.close()
     return unloaded
+
+
+async def async_migrate_entry(hass: HomeAssistant, entry: ConfigEntry) -> bool:
+    """Version 1 kept one assistant in the entry's options; version 2 keeps each assistant in a sub-entry.
+
+    The options become one ``conversation`` and one ``ai_task_data`` sub-entry; the existing entities move
+    to them with the same entity ids (their unique ids become the sub-entries' ids).
+    """
+    if entry.version > 2:
+        return False  # a downgrade: this version cannot read a newer entry
+    if entry.version == 1:
+        options: dict[str, Any] = dict(entry.options)
+        agent = {k: options[k] for k in AGENT_OPTION_KEYS if k in options}
+        options = {k: v for k, v in options.items() if k not in AGENT_OPTION_KEYS or k == CONF_ROUTING_MODE}
+        agent.setdefault(CONF_LLM_HASS_API, [llm.LLM_API_ASSIST])  # version 1's default when unset
+        ent_reg = er.async_get(hass)
+        for subentry_type, title, platform, old_key in (
+            (SUBENTRY_CONVERSATION, DEFAULT_CONVERSATION_NAME, "conversation", "conversation"),
+            (SUBENTRY_AI_TASK, DEFAULT_AI_TASK_NAME, "ai_task", "ai_task"),
+        ):
+            subentry = ConfigSubentry(
+                data=MappingProxyType(dict(agent)), subentry_type=subentry_type, title=title, unique_id=None
+            )
+            hass.config_entries.async_add_subentry(entry, subentry)
+            entity_id = ent_reg.async_get_entity_id(platform, DOMAIN, f"{entry.entry_id}_{old_key}")
+            if entity_id is not None:
+                ent_reg.async_update_entity(
+                    entity_id, config_subentry_id=subentry.subentry_id, new_unique_id=subentry.subentry_id
+                )
+        for subentry in list(entry.subentries.values()):
+            if subentry.subentry_type != SUBENTRY_CAMERA:
+                continue
+            old_id = f"{entry.entry_id}_camera_{subentry.subentry_id}"
+            if (entity_id := ent_reg.async_get_entity_id("image_processing", DOMAIN, old_id)) is not None:
+                ent_reg.async_update_entity(
+                    entity_id, config_subentry_id=subentry.subentry_id, new_unique_id=subentry.subentry_id
+                )
+        # Version 1 let camera analyses move the engine's device to their sub-entry: give it back to the entry.
+        dev_reg = dr.async_get(hass)
+        if (device := dev_reg.async_get_device_by_identifier((DOMAIN, entry.entry_id), entry.entry_id)) is not None:
+            if device.config_subentry_id is not None:
+                dev_reg.async_update_device(device.id, new_config_subentry_id=None)
+        hass.config_entries.async_update_entry(entry, options=options, version=2, minor_version=1)
+        LOGGER.info("Moved SARAi's assistant settings into sub-entries (config entry version 2)")
+    return True

@@ -6,15 +6,17 @@ import json
 from pathlib import Path
 
 from homeassistant.components import ai_task, conversation
+from homeassistant.config_entries import ConfigSubentry
 from homeassistant.core import HomeAssistant
 from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 import probatio as vol
 
 from . import SaraiConfigEntry
-from .const import DOMAIN, LOGGER
-from .engine import RouteInfo
-from .engine.errors import EngineError
+from .const import DOMAIN, LOGGER, SUBENTRY_AI_TASK
+from .engine.errors import EngineError, InvalidInput
+from .engine.files import read_regular, resolve_regular
+from .engine.grammar import safe_schema
 from .entity import SaraiLLMEntity, to_json_schema
 from .errors import to_ha_error
 
@@ -25,31 +27,32 @@ MAX_ATTACHMENT_BYTES = 20 * 1024 * 1024
 async def async_setup_entry(
     hass: HomeAssistant, entry: SaraiConfigEntry, async_add_entities: AddConfigEntryEntitiesCallback
 ) -> None:
-    """Add the AI Task entity."""
-    async_add_entities([SaraiAITaskEntity(entry)])
+    """Add one AI Task entity per ai_task_data sub-entry."""
+    for subentry in entry.subentries.values():
+        if subentry.subentry_type == SUBENTRY_AI_TASK:
+            async_add_entities([SaraiAITaskEntity(entry, subentry)], config_subentry_id=subentry.subentry_id)
 
 
 def _read(path: Path) -> bytes:
-    if path.stat().st_size > MAX_ATTACHMENT_BYTES:
-        raise ServiceValidationError(
-            translation_domain=DOMAIN,
-            translation_key="attachment_too_large",
-            translation_placeholders={"path": path.name},
-        )
-    return path.read_bytes()
+    """An attachment's bytes: a regular file only (no FIFO, device or directory), at most 20 MB."""
+    try:
+        return read_regular(path, MAX_ATTACHMENT_BYTES)
+    except InvalidInput as err:
+        if err.translation_key == "file_too_large":
+            raise InvalidInput(str(err), key="attachment_too_large", path=path) from err
+        raise
 
 
 class SaraiAITaskEntity(ai_task.AITaskEntity, SaraiLLMEntity):
     """SARAi AI Task: images and clips are seen by Omni, answers structured by the text model."""
 
-    _attr_translation_key = "ai_task"
     _attr_supported_features = (
         ai_task.AITaskEntityFeature.GENERATE_DATA | ai_task.AITaskEntityFeature.SUPPORT_ATTACHMENTS
     )
 
-    def __init__(self, entry: SaraiConfigEntry) -> None:
-        """Create the entity."""
-        SaraiLLMEntity.__init__(self, entry, "ai_task")
+    def __init__(self, entry: SaraiConfigEntry, subentry: ConfigSubentry) -> None:
+        """Create the AI Task entity of one sub-entry."""
+        SaraiLLMEntity.__init__(self, entry, subentry, "AI Task")
 
     async def _describe_attachments(self, task: ai_task.GenDataTask) -> list[str]:
         descriptions: list[str] = []
@@ -60,7 +63,8 @@ class SaraiAITaskEntity(ai_task.AITaskEntity, SaraiLLMEntity):
                     data = await self.hass.async_add_executor_job(_read, attachment.path)
                     descriptions.append(await self.engine.describe_image(data, task.instructions))
                 elif mime.startswith("video/"):
-                    result = await self.engine.analyze_clip(str(attachment.path), prompt=task.instructions)
+                    path = await self.hass.async_add_executor_job(resolve_regular, attachment.path)
+                    result = await self.engine.analyze_clip(path, prompt=task.instructions)
                     descriptions.append(str(result["summary"]))
                 else:
                     raise ServiceValidationError(
@@ -75,7 +79,16 @@ class SaraiAITaskEntity(ai_task.AITaskEntity, SaraiLLMEntity):
     async def _async_generate_data(
         self, task: ai_task.GenDataTask, chat_log: conversation.ChatLog
     ) -> ai_task.GenDataTaskResult:
-        """Describe the attachments, then answer (as JSON matching ``task.structure`` when given)."""
+        """Describe the attachments, then answer (as JSON matching ``task.structure`` when given).
+
+        A structure no grammar can satisfy is refused first, before any attachment is looked at.
+        """
+        schema = to_json_schema(task.structure) if task.structure else None
+        if schema is not None:
+            try:
+                schema = safe_schema(schema)
+            except EngineError as err:
+                raise to_ha_error(err) from err
         descriptions = await self._describe_attachments(task)
         if descriptions and not task.structure and len(descriptions) == 1:
             chat_log.async_add_assistant_content_without_tools(
@@ -87,13 +100,10 @@ class SaraiAITaskEntity(ai_task.AITaskEntity, SaraiLLMEntity):
             context = "What the attachments show:\n" + "\n".join(
                 f"{i + 1}. {text}" for i, text in enumerate(descriptions)
             )
-        decision = self.engine.decide(task.instructions)
-        schema = to_json_schema(task.structure) if task.structure else None
         if schema is not None:
             context = (context + "\n\n" if context else "") + "Answer only with JSON matching: " + json.dumps(schema)
         for attempt in (1, 2):
-            route = RouteInfo(route=decision.route, reason=decision.reason)
-            await self.async_handle_chat_log(chat_log, route, json_schema=schema, extra_context=context)
+            await self.async_handle_chat_log(chat_log, json_schema=schema, extra_context=context)
             last = chat_log.content[-1]
             text = last.content if isinstance(last, conversation.AssistantContent) else None
             if schema is None:

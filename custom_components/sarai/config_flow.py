@@ -7,12 +7,14 @@ from typing import Any
 
 from homeassistant.config_entries import (
     ConfigEntry,
+    ConfigEntryState,
     ConfigFlow,
     ConfigFlowResult,
     ConfigSubentryFlow,
     OptionsFlow,
     SubentryFlowResult,
 )
+from homeassistant.const import CONF_NAME
 from homeassistant.core import HomeAssistant, callback
 from homeassistant.helpers import llm
 from homeassistant.helpers.aiohttp_client import async_get_clientsession
@@ -38,6 +40,7 @@ from .const import (
     CONF_CAMERA_ENTITY,
     CONF_CONTEXT_SIZE,
     CONF_GGUF_MODEL,
+    CONF_HISTORY_TURNS,
     CONF_IDLE_UNLOAD_MINUTES,
     CONF_LLM_HASS_API,
     CONF_MAX_TOKENS,
@@ -52,10 +55,15 @@ from .const import (
     CONF_SOLAR_TIMEOUT,
     CONF_SOLAR_URL,
     CONF_TEMPERATURE,
+    CONF_THREADS,
     CONF_VOICE,
     CONF_WARMUP,
-    DEFAULT_CAMERA_PROMPT,
+    DEFAULT_AI_TASK_NAME,
+    DEFAULT_AI_TASK_TEMPERATURE,
+    DEFAULT_CAMERA_PROMPTS,
     DEFAULT_CONTEXT_SIZE,
+    DEFAULT_CONVERSATION_NAME,
+    DEFAULT_HISTORY_TURNS,
     DEFAULT_IDLE_UNLOAD_MINUTES,
     DEFAULT_MAX_TOKENS,
     DEFAULT_MEMORY_BUDGET_MB,
@@ -67,12 +75,17 @@ from .const import (
     DOMAIN,
     MIN_SCAN_INTERVAL_MINUTES,
     ROUTING_MODES,
+    SUBENTRY_AI_TASK,
     SUBENTRY_CAMERA,
+    SUBENTRY_CONVERSATION,
     VOICES,
 )
-from .engine.errors import ModelCorrupt, ModelMissing, RemoteAuthError, RemoteError, RemoteProtocolError
+from .engine.errors import InvalidInput, ModelCorrupt, ModelMissing, RemoteAuthError, RemoteError, RemoteProtocolError
 from .engine.models import MB, inspect_gguf, inspect_mmproj, inspect_omni, variant_advice
-from .engine.solar import SolarClient
+from .engine.solar import SolarClient, redact_url, validate_api_key, validate_url
+
+# The example SOLAR URL is a description placeholder: translation strings may not hold URLs.
+URL_EXAMPLE = {"url_example": "http://192.168.1.20:8080/v1"}
 
 
 def _user_schema(defaults: Mapping[str, Any]) -> vol.Schema:
@@ -98,16 +111,34 @@ def _user_schema(defaults: Mapping[str, Any]) -> vol.Schema:
     )
 
 
-async def _validate_solar(hass: HomeAssistant, url: str, key: str | None) -> str | None:
+async def _validate_solar(hass: HomeAssistant, url: str, key: str | None) -> tuple[str, str] | None:
+    """(field, error) when the SOLAR URL or key is unusable, else None."""
+    try:
+        url = validate_url(url)
+    except InvalidInput:
+        return CONF_SOLAR_URL, "invalid_url"
+    try:
+        key = validate_api_key(key)
+    except InvalidInput:
+        return CONF_SOLAR_API_KEY, "invalid_api_key"
     client = SolarClient(async_get_clientsession(hass), url, key, total_timeout=15)
     try:
         await client.list_models()
     except RemoteAuthError:
-        return "invalid_auth"
+        return CONF_SOLAR_API_KEY, "invalid_auth"
     except RemoteProtocolError:
-        return "not_openai"
+        return CONF_SOLAR_URL, "not_openai"
     except RemoteError:
-        return "cannot_connect"
+        return CONF_SOLAR_URL, "cannot_connect"
+    return None
+
+
+def _file_error(err: ModelCorrupt, field: str) -> str | None:
+    """The form error for a path that is not a regular file, or a model file cut short."""
+    if err.translation_key == "file_not_regular":
+        return "file_not_regular"
+    if err.translation_key == "model_truncated":
+        return f"{field}_truncated"
     return None
 
 
@@ -122,7 +153,9 @@ async def validate_input(hass: HomeAssistant, data: dict[str, Any]) -> tuple[dic
     except ModelMissing:
         errors[CONF_GGUF_MODEL] = "gguf_not_found"
     except ModelCorrupt as err:
-        errors[CONF_GGUF_MODEL] = "gguf_architecture" if "architecture" in err.placeholders else "gguf_invalid"
+        errors[CONF_GGUF_MODEL] = _file_error(err, "gguf") or (
+            "gguf_architecture" if "architecture" in err.placeholders else "gguf_invalid"
+        )
     else:
         text_info = info
         placeholders["variant"] = variant_advice(info.size_bytes)
@@ -133,17 +166,24 @@ async def validate_input(hass: HomeAssistant, data: dict[str, Any]) -> tuple[dic
         except ModelMissing:
             errors[CONF_MMPROJ_MODEL] = "mmproj_not_found"
         except ModelCorrupt as err:
-            errors[CONF_MMPROJ_MODEL] = "mmproj_mismatch" if "mismatch" in err.placeholders else "mmproj_invalid"
+            errors[CONF_MMPROJ_MODEL] = _file_error(err, "mmproj") or (
+                "mmproj_mismatch" if "mismatch" in err.placeholders else "mmproj_invalid"
+            )
     if omni := (data.get(CONF_OMNI_MODEL) or "").strip():
         try:
             await hass.async_add_executor_job(inspect_omni, omni)
         except ModelMissing:
             errors[CONF_OMNI_MODEL] = "omni_not_found"
-        except ModelCorrupt:
-            errors[CONF_OMNI_MODEL] = "omni_invalid"
+        except ModelCorrupt as err:
+            errors[CONF_OMNI_MODEL] = _file_error(err, "omni") or "omni_invalid"
     if url := (data.get(CONF_SOLAR_URL) or "").strip():
-        if error := await _validate_solar(hass, url, data.get(CONF_SOLAR_API_KEY) or None):
-            errors[CONF_SOLAR_URL] = error
+        if problem := await _validate_solar(hass, url, data.get(CONF_SOLAR_API_KEY) or None):
+            errors[problem[0]] = problem[1]
+    elif data.get(CONF_SOLAR_API_KEY):
+        try:
+            validate_api_key(data[CONF_SOLAR_API_KEY])
+        except InvalidInput:
+            errors[CONF_SOLAR_API_KEY] = "invalid_api_key"
     return errors, placeholders
 
 
@@ -154,9 +194,10 @@ def _clean(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class SaraiConfigFlow(ConfigFlow, domain=DOMAIN):
-    """Handle a config flow for SARAi."""
+    """Handle a config flow for SARAi: the engine (files, budget, SOLAR) in the entry, assistants in sub-entries."""
 
-    VERSION = 1
+    VERSION = 2
+    MINOR_VERSION = 1
 
     async def async_step_user(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
         """Ask for model paths, the memory budget and the optional SOLAR server."""
@@ -166,8 +207,30 @@ class SaraiConfigFlow(ConfigFlow, domain=DOMAIN):
             if not errors:
                 await self.async_set_unique_id(DOMAIN)
                 self._abort_if_unique_id_configured()
-                return self.async_create_entry(title="SARAi", data=_clean(user_input))
-        return self.async_show_form(step_id="user", data_schema=_user_schema(user_input or {}), errors=errors)
+                return self.async_create_entry(
+                    title="SARAi",
+                    data=_clean(user_input),
+                    subentries=[
+                        {
+                            "subentry_type": SUBENTRY_CONVERSATION,
+                            "data": default_agent_options(SUBENTRY_CONVERSATION),
+                            "title": DEFAULT_CONVERSATION_NAME,
+                            "unique_id": None,
+                        },
+                        {
+                            "subentry_type": SUBENTRY_AI_TASK,
+                            "data": default_agent_options(SUBENTRY_AI_TASK),
+                            "title": DEFAULT_AI_TASK_NAME,
+                            "unique_id": None,
+                        },
+                    ],
+                )
+        return self.async_show_form(
+            step_id="user",
+            data_schema=_user_schema(user_input or {}),
+            errors=errors,
+            description_placeholders=URL_EXAMPLE,
+        )
 
     async def async_step_reconfigure(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
         """Change model paths, budget or SOLAR server."""
@@ -178,7 +241,10 @@ class SaraiConfigFlow(ConfigFlow, domain=DOMAIN):
             if not errors:
                 return self.async_update_and_abort(entry, data=_clean(user_input))
         return self.async_show_form(
-            step_id="reconfigure", data_schema=_user_schema(user_input or entry.data), errors=errors
+            step_id="reconfigure",
+            data_schema=_user_schema(user_input or entry.data),
+            errors=errors,
+            description_placeholders=URL_EXAMPLE,
         )
 
     async def async_step_reauth(self, entry_data: Mapping[str, Any]) -> ConfigFlowResult:
@@ -191,8 +257,8 @@ class SaraiConfigFlow(ConfigFlow, domain=DOMAIN):
         errors: dict[str, str] = {}
         if user_input is not None:
             key = user_input.get(CONF_SOLAR_API_KEY) or None
-            if error := await _validate_solar(self.hass, entry.data[CONF_SOLAR_URL], key):
-                errors["base"] = error
+            if problem := await _validate_solar(self.hass, entry.data[CONF_SOLAR_URL], key):
+                errors["base"] = problem[1]
             else:
                 return self.async_update_and_abort(entry, data_updates={CONF_SOLAR_API_KEY: key or ""})
         return self.async_show_form(
@@ -201,57 +267,52 @@ class SaraiConfigFlow(ConfigFlow, domain=DOMAIN):
                 {vol.Optional(CONF_SOLAR_API_KEY): TextSelector(TextSelectorConfig(type=TextSelectorType.PASSWORD))}
             ),
             errors=errors,
-            description_placeholders={"url": entry.data.get(CONF_SOLAR_URL, "")},
+            description_placeholders={"url": redact_url(entry.data.get(CONF_SOLAR_URL, ""))},
         )
 
     @classmethod
     @callback
     def async_get_supported_subentry_types(cls, config_entry: ConfigEntry) -> dict[str, type[ConfigSubentryFlow]]:
-        """Camera analyses are subentries: one image-processing entity each."""
-        return {SUBENTRY_CAMERA: CameraSubentryFlow}
+        """Assistants (conversation agents, AI Task agents) and camera analyses are sub-entries."""
+        return {
+            SUBENTRY_CONVERSATION: AgentSubentryFlow,
+            SUBENTRY_AI_TASK: AgentSubentryFlow,
+            SUBENTRY_CAMERA: CameraSubentryFlow,
+        }
 
     @staticmethod
     @callback
     def async_get_options_flow(config_entry: ConfigEntry) -> OptionsFlow:
-        """Options: prompt, sampling, context, warm-up, idle unload, routing, voice, tools."""
+        """Engine options: context, threads, warm-up, idle unload, SOLAR timeout, voice, int8."""
         return SaraiOptionsFlow()
 
 
 class SaraiOptionsFlow(OptionsFlow):
-    """SARAi options; the entry's update listener reloads it when they change."""
+    """The engine's options (the assistants' settings are in their sub-entries); saving reloads SARAi."""
 
     async def async_step_init(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
         """Show and save the options."""
         if user_input is not None:
-            if not user_input.get(CONF_LLM_HASS_API):
-                user_input.pop(CONF_LLM_HASS_API, None)
             return self.async_create_entry(data=user_input)
         options = self.config_entry.options
-        apis = [SelectOptionDict(label=api.name, value=api.id) for api in llm.async_get_apis(self.hass)]
-        default_mode = "auto" if self.config_entry.data.get(CONF_SOLAR_URL) else "local"
         schema = vol.Schema(
             {
                 vol.Optional(
-                    CONF_PROMPT, description={"suggested_value": options.get(CONF_PROMPT, DEFAULT_PROMPT)}
-                ): TemplateSelector(),
-                vol.Optional(
-                    CONF_LLM_HASS_API,
-                    description={"suggested_value": options.get(CONF_LLM_HASS_API, [llm.LLM_API_ASSIST])},
-                ): SelectSelector(SelectSelectorConfig(options=apis, multiple=True)),
-                vol.Optional(
-                    CONF_TEMPERATURE, default=options.get(CONF_TEMPERATURE, DEFAULT_TEMPERATURE)
-                ): NumberSelector(NumberSelectorConfig(min=0, max=2, step=0.05)),
-                vol.Optional(CONF_MAX_TOKENS, default=options.get(CONF_MAX_TOKENS, DEFAULT_MAX_TOKENS)): NumberSelector(
-                    NumberSelectorConfig(min=16, max=8192, step=1, mode=NumberSelectorMode.BOX)
-                ),
-                vol.Optional(
                     CONF_CONTEXT_SIZE, default=options.get(CONF_CONTEXT_SIZE, DEFAULT_CONTEXT_SIZE)
                 ): NumberSelector(NumberSelectorConfig(min=512, max=131072, step=256, mode=NumberSelectorMode.BOX)),
+                vol.Optional(CONF_THREADS, default=options.get(CONF_THREADS, 0)): NumberSelector(
+                    NumberSelectorConfig(min=0, max=256, step=1, mode=NumberSelectorMode.BOX)
+                ),
                 vol.Optional(CONF_WARMUP, default=options.get(CONF_WARMUP, DEFAULT_WARMUP)): BooleanSelector(),
                 vol.Optional(
                     CONF_IDLE_UNLOAD_MINUTES, default=options.get(CONF_IDLE_UNLOAD_MINUTES, DEFAULT_IDLE_UNLOAD_MINUTES)
                 ): NumberSelector(NumberSelectorConfig(min=0, max=1440, step=1, mode=NumberSelectorMode.BOX)),
-                vol.Optional(CONF_ROUTING_MODE, default=options.get(CONF_ROUTING_MODE, default_mode)): SelectSelector(
+                vol.Optional(
+                    CONF_ROUTING_MODE,
+                    default=options.get(
+                        CONF_ROUTING_MODE, "auto" if self.config_entry.data.get(CONF_SOLAR_URL) else "local"
+                    ),
+                ): SelectSelector(
                     SelectSelectorConfig(
                         options=ROUTING_MODES, translation_key=CONF_ROUTING_MODE, mode=SelectSelectorMode.DROPDOWN
                     )
@@ -268,13 +329,94 @@ class SaraiOptionsFlow(OptionsFlow):
         return self.async_show_form(step_id="init", data_schema=schema)
 
 
-def _camera_schema(defaults: Mapping[str, Any]) -> vol.Schema:
+def default_agent_options(subentry_type: str) -> dict[str, Any]:
+    """A new assistant's settings (the AI Task agent answers with less randomness)."""
+    options: dict[str, Any] = {
+        CONF_TEMPERATURE: DEFAULT_TEMPERATURE,
+        CONF_MAX_TOKENS: DEFAULT_MAX_TOKENS,
+        CONF_HISTORY_TURNS: DEFAULT_HISTORY_TURNS,
+    }
+    if subentry_type == SUBENTRY_CONVERSATION:
+        options.update({CONF_PROMPT: DEFAULT_PROMPT, CONF_LLM_HASS_API: [llm.LLM_API_ASSIST]})
+    else:
+        options[CONF_TEMPERATURE] = DEFAULT_AI_TASK_TEMPERATURE
+    return options
+
+
+class AgentSubentryFlow(ConfigSubentryFlow):
+    """Add or change an assistant: a conversation agent or an AI Task agent, on the shared engine."""
+
+    @property
+    def _is_conversation(self) -> bool:
+        return self._subentry_type == SUBENTRY_CONVERSATION
+
+    def _schema(self, name: str | None, options: Mapping[str, Any]) -> vol.Schema:
+        entry = self._get_entry()
+        fields: dict[Any, Any] = {}
+        if name is not None:
+            fields[vol.Required(CONF_NAME, default=name)] = str
+        if self._is_conversation:
+            apis = [SelectOptionDict(label=api.name, value=api.id) for api in llm.async_get_apis(self.hass)]
+            fields[vol.Optional(CONF_PROMPT, description={"suggested_value": options.get(CONF_PROMPT)})] = (
+                TemplateSelector()
+            )
+            fields[vol.Optional(CONF_LLM_HASS_API, description={"suggested_value": options.get(CONF_LLM_HASS_API)})] = (
+                SelectSelector(SelectSelectorConfig(options=apis, multiple=True))
+            )
+        fields[vol.Optional(CONF_TEMPERATURE, default=options.get(CONF_TEMPERATURE, DEFAULT_TEMPERATURE))] = (
+            NumberSelector(NumberSelectorConfig(min=0, max=2, step=0.05))
+        )
+        fields[vol.Optional(CONF_MAX_TOKENS, default=options.get(CONF_MAX_TOKENS, DEFAULT_MAX_TOKENS))] = (
+            NumberSelector(NumberSelectorConfig(min=16, max=8192, step=1, mode=NumberSelectorMode.BOX))
+        )
+        default_mode = "auto" if entry.data.get(CONF_SOLAR_URL) else "local"
+        fields[vol.Optional(CONF_ROUTING_MODE, default=options.get(CONF_ROUTING_MODE, default_mode))] = SelectSelector(
+            SelectSelectorConfig(
+                options=ROUTING_MODES, translation_key=CONF_ROUTING_MODE, mode=SelectSelectorMode.DROPDOWN
+            )
+        )
+        if self._is_conversation:
+            fields[vol.Optional(CONF_HISTORY_TURNS, default=options.get(CONF_HISTORY_TURNS, DEFAULT_HISTORY_TURNS))] = (
+                NumberSelector(NumberSelectorConfig(min=0, max=500, step=1, mode=NumberSelectorMode.BOX))
+            )
+        return vol.Schema(fields)
+
+    @staticmethod
+    def _options(user_input: Mapping[str, Any]) -> dict[str, Any]:
+        options = {k: v for k, v in user_input.items() if k != CONF_NAME}
+        for key in (CONF_MAX_TOKENS, CONF_HISTORY_TURNS):
+            if key in options:
+                options[key] = int(options[key])
+        return options
+
+    async def async_step_user(self, user_input: dict[str, Any] | None = None) -> SubentryFlowResult:
+        """A new assistant: its name and settings."""
+        if self._get_entry().state is not ConfigEntryState.LOADED:
+            return self.async_abort(reason="entry_not_loaded")
+        if user_input is not None:
+            return self.async_create_entry(title=user_input[CONF_NAME], data=self._options(user_input))
+        name = DEFAULT_CONVERSATION_NAME if self._is_conversation else DEFAULT_AI_TASK_NAME
+        return self.async_show_form(
+            step_id="user", data_schema=self._schema(name, default_agent_options(self._subentry_type))
+        )
+
+    async def async_step_reconfigure(self, user_input: dict[str, Any] | None = None) -> SubentryFlowResult:
+        """Change an assistant's settings (its name stays: rename the device or entity instead)."""
+        if self._get_entry().state is not ConfigEntryState.LOADED:
+            return self.async_abort(reason="entry_not_loaded")
+        subentry = self._get_reconfigure_subentry()
+        if user_input is not None:
+            return self.async_update_and_abort(self._get_entry(), subentry, data=self._options(user_input))
+        return self.async_show_form(step_id="reconfigure", data_schema=self._schema(None, subentry.data))
+
+
+def _camera_schema(defaults: Mapping[str, Any], default_prompt: str) -> vol.Schema:
     return vol.Schema(
         {
             vol.Required(CONF_CAMERA_ENTITY, default=defaults.get(CONF_CAMERA_ENTITY, vol.UNDEFINED)): EntitySelector(
                 EntitySelectorConfig(domain="camera")
             ),
-            vol.Required(CONF_PROMPT, default=defaults.get(CONF_PROMPT, DEFAULT_CAMERA_PROMPT)): TextSelector(
+            vol.Required(CONF_PROMPT, default=defaults.get(CONF_PROMPT, default_prompt)): TextSelector(
                 TextSelectorConfig(multiline=True)
             ),
             vol.Required(
@@ -287,6 +429,10 @@ def _camera_schema(defaults: Mapping[str, Any]) -> vol.Schema:
 class CameraSubentryFlow(ConfigSubentryFlow):
     """Add or change a camera analysis (camera + question + optional interval)."""
 
+    def _default_prompt(self) -> str:
+        language = (self.hass.config.language or "en").split("-")[0].lower()
+        return DEFAULT_CAMERA_PROMPTS.get(language, DEFAULT_CAMERA_PROMPTS["en"])
+
     async def async_step_user(self, user_input: dict[str, Any] | None = None) -> SubentryFlowResult:
         """Pick a camera and a question."""
         entry = self._get_entry()
@@ -296,13 +442,15 @@ class CameraSubentryFlow(ConfigSubentryFlow):
                 errors[CONF_SCAN_INTERVAL_MINUTES] = error
             elif any(
                 s.data.get(CONF_CAMERA_ENTITY) == user_input[CONF_CAMERA_ENTITY]
-                and s.data.get(CONF_PROMPT) == user_input[CONF_PROMPT]
+                and s.data.get(CONF_PROMPT) == str(user_input[CONF_PROMPT]).strip()
                 for s in entry.subentries.values()
             ):
                 return self.async_abort(reason="already_configured")
             else:
                 return self.async_create_entry(title=self._title(user_input), data=self._data(user_input))
-        return self.async_show_form(step_id="user", data_schema=_camera_schema(user_input or {}), errors=errors)
+        return self.async_show_form(
+            step_id="user", data_schema=_camera_schema(user_input or {}, self._default_prompt()), errors=errors
+        )
 
     async def async_step_reconfigure(self, user_input: dict[str, Any] | None = None) -> SubentryFlowResult:
         """Change the camera, question or interval."""
@@ -316,7 +464,9 @@ class CameraSubentryFlow(ConfigSubentryFlow):
                     self._get_entry(), subentry, title=self._title(user_input), data=self._data(user_input)
                 )
         return self.async_show_form(
-            step_id="reconfigure", data_schema=_camera_schema(user_input or subentry.data), errors=errors
+            step_id="reconfigure",
+            data_schema=_camera_schema(user_input or subentry.data, self._default_prompt()),
+            errors=errors,
         )
 
     @staticmethod
@@ -333,6 +483,6 @@ class CameraSubentryFlow(ConfigSubentryFlow):
         }
 
     def _title(self, user_input: Mapping[str, Any]) -> str:
+        """The camera's name (the analysis entity adds its translated name: "Front door Analysis")."""
         state = self.hass.states.get(user_input[CONF_CAMERA_ENTITY])
-        name = state.name if state is not None else user_input[CONF_CAMERA_ENTITY]
-        return f"{name} analysis"
+        return state.name if state is not None else str(user_input[CONF_CAMERA_ENTITY])

@@ -25,6 +25,8 @@ CONF_VOICE = "voice"
 CONF_LLM_HASS_API = "llm_hass_api"
 CONF_SOLAR_TIMEOUT = "solar_timeout"
 CONF_OMNI_INT8 = "omni_int8"
+CONF_HISTORY_TURNS = "history_turns"
+CONF_THREADS = "threads"
 
 DEFAULT_MEMORY_BUDGET_MB = 12000
 DEFAULT_PROMPT = (
@@ -32,12 +34,14 @@ DEFAULT_PROMPT = (
     "You are SARAi, the household's private assistant: answer briefly, in the user's language."
 )
 DEFAULT_TEMPERATURE = 0.7
+DEFAULT_AI_TASK_TEMPERATURE = 0.2
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_CONTEXT_SIZE = 8192
 DEFAULT_WARMUP = False
 DEFAULT_IDLE_UNLOAD_MINUTES = 0
 DEFAULT_VOICE = "Chelsie"
 DEFAULT_SOLAR_TIMEOUT = 30
+DEFAULT_HISTORY_TURNS = 20
 VOICES = ["Chelsie", "Ethan"]
 ROUTING_MODES = ["auto", "local", "remote"]
 
@@ -46,12 +50,31 @@ STT_MAX_SECONDS = 60
 # Languages Qwen2.5-Omni handles well in speech and text (es and en first for our household).
 LANGUAGES = ["es", "en", "zh", "fr", "de", "it", "pt", "ja", "ko", "ru"]
 
-# Camera analyses (config subentries) and video events.
+# Sub-entries: assistants (conversation, AI Task) and camera analyses.
+SUBENTRY_CONVERSATION = "conversation"
+SUBENTRY_AI_TASK = "ai_task_data"
 SUBENTRY_CAMERA = "camera"
+DEFAULT_CONVERSATION_NAME = "SARAi"
+DEFAULT_AI_TASK_NAME = "SARAi AI Task"
+# What each assistant sub-entry holds; the entry itself holds the engine (files, budget, SOLAR, options).
+# routing_mode is in both: the entry's is the default for work no assistant asked for (video events).
+AGENT_OPTION_KEYS = (
+    "prompt",
+    "llm_hass_api",
+    "temperature",
+    "max_tokens",
+    "routing_mode",
+    "history_turns",
+)
+TTS_MAX_CHARS = 1000  # longest text one TTS request may speak (a translated error beyond it)
 CONF_CAMERA_ENTITY = "camera_entity"
 CONF_SCAN_INTERVAL_MINUTES = "scan_interval_minutes"
 MIN_SCAN_INTERVAL_MINUTES = 1
-DEFAULT_CAMERA_PROMPT = "Is there a person at the door? Answer yes or no, then say what you see."
+DEFAULT_CAMERA_PROMPTS = {
+    "en": "Is there a person at the door? Answer yes or no, then say what you see.",
+    "es": "¿Hay alguien en la puerta? Responde sí o no y después di lo que ves.",
+}
+DEFAULT_CAMERA_PROMPT = DEFAULT_CAMERA_PROMPTS["en"]
 
 EVENT_IMAGE_ANALYZED = f"{DOMAIN}_image_analyzed"
 EVENT_VIDEO_EVENT = f"{DOMAIN}_video_event"

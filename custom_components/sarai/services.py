@@ -1,7 +1,8 @@
-"""Actions: sarai.analyze_video (camera clips or allowed files, with their audio, into events)."""
+"""Actions: sarai.analyze_video (camera clips or allowed files, with their audio, into events); admin only."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from homeassistant.components.camera import async_get_stream_source
@@ -9,10 +10,12 @@ from homeassistant.config_entries import ConfigEntryState
 from homeassistant.core import HomeAssistant, ServiceCall, ServiceResponse, SupportsResponse, callback
 from homeassistant.exceptions import HomeAssistantError, ServiceValidationError
 from homeassistant.helpers import config_validation as cv
+from homeassistant.helpers.service import async_register_admin_service
 import probatio as vol
 
 from .const import DOMAIN, EVENT_VIDEO_ANALYZED, EVENT_VIDEO_EVENT, SERVICE_ANALYZE_VIDEO
-from .engine.errors import EngineError
+from .engine.errors import EngineError, InvalidInput
+from .engine.files import resolve_regular
 from .engine.media import MAX_DURATION_S
 from .errors import to_ha_error
 
@@ -33,6 +36,19 @@ ANALYZE_VIDEO_SCHEMA = vol.All(
     ),
     cv.has_at_least_one_key(ATTR_CAMERA, ATTR_FILE),
 )
+
+
+def allowed_file(hass: HomeAssistant, path: str) -> str:
+    """The real path of a regular file inside ``allowlist_external_dirs`` (blocking: run it in the executor).
+
+    Symlinks are resolved before the allowlist is checked, so a link inside an allowed directory
+    cannot point outside it; then the file must be a regular file (no FIFO, device, directory or
+    socket). The clip reader opens the real path again and re-checks the opened descriptor.
+    """
+    real = os.path.realpath(path) if os.path.isabs(path) else None
+    if real is None or not hass.config.is_allowed_path(real):
+        raise InvalidInput(f"{path} is not inside allowlist_external_dirs", key="path_not_allowed", path=path)
+    return resolve_regular(real)
 
 
 @callback
@@ -59,14 +75,11 @@ def async_setup_services(hass: HomeAssistant) -> None:
                 )
             source_info = {ATTR_CAMERA: camera_id}
         else:
-            source = data[ATTR_FILE]
-            if not hass.config.is_allowed_path(source):
-                raise ServiceValidationError(
-                    translation_domain=DOMAIN,
-                    translation_key="path_not_allowed",
-                    translation_placeholders={"path": source},
-                )
-            source_info = {ATTR_FILE: source}
+            try:
+                source = await hass.async_add_executor_job(allowed_file, hass, data[ATTR_FILE])
+            except EngineError as err:
+                raise to_ha_error(err) from err
+            source_info = {ATTR_FILE: data[ATTR_FILE]}
         try:
             result = await entry.runtime_data.engine.analyze_clip(
                 source,
@@ -93,7 +106,9 @@ def async_setup_services(hass: HomeAssistant) -> None:
         )
         return result if call.return_response else None
 
-    hass.services.async_register(
+    # Reading local files and recording camera streams on demand is an administrator's power.
+    async_register_admin_service(
+        hass,
         DOMAIN,
         SERVICE_ANALYZE_VIDEO,
         analyze_video,

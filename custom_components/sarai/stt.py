@@ -1,4 +1,5 @@
-"""Speech-to-text: Qwen2.5-Omni hears 16 kHz mono PCM (created only when the engine can hear)."""
+"""Speech-to-text: Qwen2.5-Omni hears 16-bit PCM or WAV, mono or stereo, at any rate Home Assistant names
+(resampled to 16 kHz mono; created only when the engine can hear)."""
 
 from __future__ import annotations
 
@@ -57,13 +58,13 @@ class SaraiSpeechToText(stt.SpeechToTextEntity, SaraiEntity):
 
     @property
     def supported_sample_rates(self) -> list[stt.AudioSampleRates]:
-        """16 kHz."""
-        return [stt.AudioSampleRates.SAMPLERATE_16000]
+        """Every rate Home Assistant names: audio is resampled to the 16 kHz the models hear."""
+        return list(stt.AudioSampleRates)
 
     @property
     def supported_channels(self) -> list[stt.AudioChannels]:
-        """Mono."""
-        return [stt.AudioChannels.CHANNEL_MONO]
+        """Mono, or stereo mixed down to mono."""
+        return [stt.AudioChannels.CHANNEL_MONO, stt.AudioChannels.CHANNEL_STEREO]
 
     async def async_process_audio_stream(
         self, metadata: stt.SpeechMetadata, stream: AsyncIterable[bytes]
@@ -74,9 +75,10 @@ class SaraiSpeechToText(stt.SpeechToTextEntity, SaraiEntity):
             LOGGER.warning("STT: unsupported audio %s/%s (need 16-bit PCM)", metadata.codec, metadata.bit_rate)
             return error
         audio = bytearray()
+        max_bytes = max(MAX_BYTES, STT_MAX_SECONDS * int(metadata.sample_rate) * int(metadata.channel) * 2)
         async for chunk in stream:
             audio += chunk
-            if len(audio) > MAX_BYTES:
+            if len(audio) > max_bytes:
                 LOGGER.warning("STT: audio longer than %d s, stopped listening", STT_MAX_SECONDS)
                 break
         data = bytes(audio)

@@ -9,10 +9,11 @@ from typing import Any
 from homeassistant.components import tts
 from homeassistant.components.tts.entity import TTSAudioRequest, TTSAudioResponse
 from homeassistant.core import HomeAssistant
+from homeassistant.exceptions import ServiceValidationError
 from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
 from . import SaraiConfigEntry
-from .const import CONF_VOICE, DEFAULT_VOICE, LANGUAGES, VOICES
+from .const import CONF_VOICE, DEFAULT_VOICE, DOMAIN, LANGUAGES, LOGGER, TTS_MAX_CHARS, VOICES
 from .engine.audio import SPEAK_RATE, wav_bytes
 from .engine.errors import EngineError
 from .entity import SaraiEntity
@@ -20,6 +21,8 @@ from .errors import to_ha_error
 
 PARALLEL_UPDATES = 0
 SENTENCE_END = re.compile(r"(?<=[.!?¡¿;:\n])\s+")
+MAX_SENTENCE_CHARS = 200  # the longest piece one talker call speaks
+SILENCE = bytes(SPEAK_RATE // 10 * 2)  # 0.1 s
 
 
 async def async_setup_entry(
@@ -31,11 +34,36 @@ async def async_setup_entry(
 
 
 def split_sentences(buffer: str, final: bool) -> tuple[list[str], str]:
-    """Complete sentences in ``buffer`` and the remainder."""
+    """Complete sentences in ``buffer`` and the remainder; a sentence longer than MAX_SENTENCE_CHARS is split.
+
+    Whatever the shape of the text (no punctuation, one huge word), each piece handed to the talker is bounded.
+    """
     parts = SENTENCE_END.split(buffer)
-    if final:
-        return [p.strip() for p in parts if p.strip()], ""
-    return [p.strip() for p in parts[:-1] if p.strip()], parts[-1]
+    rest = "" if final else parts.pop()
+    if not final and len(rest) > MAX_SENTENCE_CHARS:  # no sentence end in sight: cut at the last space
+        cut = rest.rfind(" ", 0, MAX_SENTENCE_CHARS)
+        cut = cut if cut > 0 else MAX_SENTENCE_CHARS
+        parts.append(rest[:cut])
+        rest = rest[cut:]
+    sentences: list[str] = []
+    for part in parts:
+        part = part.strip()
+        while len(part) > MAX_SENTENCE_CHARS:
+            cut = part.rfind(" ", 0, MAX_SENTENCE_CHARS)
+            cut = cut if cut > 0 else MAX_SENTENCE_CHARS
+            sentences.append(part[:cut].strip())
+            part = part[cut:].strip()
+        if part:
+            sentences.append(part)
+    return sentences, rest
+
+
+def _stream_header() -> bytes:
+    """A WAV header with an open length; PCM follows sentence by sentence."""
+    header = bytearray(wav_bytes(b"", SPEAK_RATE))
+    header[4:8] = (0xFFFFFFFF).to_bytes(4, "little")
+    header[40:44] = (0xFFFFFFFF - 36).to_bytes(4, "little")
+    return bytes(header)
 
 
 class SaraiTextToSpeech(tts.TextToSpeechEntity, SaraiEntity):
@@ -63,45 +91,62 @@ class SaraiTextToSpeech(tts.TextToSpeechEntity, SaraiEntity):
         voice = options.get(tts.ATTR_VOICE) or DEFAULT_VOICE
         return voice if voice in VOICES else DEFAULT_VOICE
 
-    async def async_get_tts_audio(self, message: str, language: str, options: dict[str, Any]) -> tts.TtsAudioType:
-        """Whole message -> one WAV."""
+    async def _speak(self, sentence: str, voice: str) -> bytes:
         try:
-            pcm = await self.engine.speak(message, self._voice(options))
+            return await self.engine.speak(sentence, voice)
         except EngineError as err:
             raise to_ha_error(err) from err
-        return "wav", wav_bytes(pcm, SPEAK_RATE)
+
+    async def async_get_tts_audio(self, message: str, language: str, options: dict[str, Any]) -> tts.TtsAudioType:
+        """Whole message -> one WAV, spoken sentence by sentence (at most TTS_MAX_CHARS characters).
+
+        A message with nothing to say (only spaces) is a short silence, not an error: an assistant's answer
+        can be empty when it only ran a tool.
+        """
+        if len(message) > TTS_MAX_CHARS:
+            raise ServiceValidationError(
+                translation_domain=DOMAIN,
+                translation_key="tts_too_long",
+                translation_placeholders={"length": str(len(message)), "max_length": str(TTS_MAX_CHARS)},
+            )
+        sentences, _ = split_sentences(message, final=True)
+        voice = self._voice(options)
+        pcm = b"".join([await self._speak(sentence, voice) for sentence in sentences])
+        return "wav", wav_bytes(pcm or SILENCE, SPEAK_RATE)
 
     async def async_stream_tts_audio(self, request: TTSAudioRequest) -> TTSAudioResponse:
-        """Synthesize each sentence as soon as the text generator completes it."""
+        """Synthesize each sentence as soon as the text generator completes it.
+
+        At most TTS_MAX_CHARS characters are spoken (the rest is dropped, with a warning); when the consumer
+        stops reading, the generator is closed and the sentence being synthesised is cancelled.
+        """
         voice = self._voice(request.options)
 
-        async def data_gen() -> AsyncGenerator[bytes]:
+        async def sentences() -> AsyncGenerator[str]:
             buffer = ""
-            header_sent = False
-
-            async def speak(sentences: list[str]) -> AsyncGenerator[bytes]:
-                nonlocal header_sent
-                for sentence in sentences:
-                    try:
-                        pcm = await self.engine.speak(sentence, voice)
-                    except EngineError as err:
-                        raise to_ha_error(err) from err
-                    if not header_sent:
-                        # A WAV header with an open length; PCM follows sentence by sentence.
-                        header = bytearray(wav_bytes(b"", SPEAK_RATE))
-                        header[4:8] = (0xFFFFFFFF).to_bytes(4, "little")
-                        header[40:44] = (0xFFFFFFFF - 36).to_bytes(4, "little")
-                        yield bytes(header)
-                        header_sent = True
-                    yield pcm
-
             async for text in request.message_gen:
                 buffer += text
-                sentences, buffer = split_sentences(buffer, final=False)
-                async for chunk in speak(sentences):
-                    yield chunk
-            sentences, _ = split_sentences(buffer, final=True)
-            async for chunk in speak(sentences):
-                yield chunk
+                done, buffer = split_sentences(buffer, final=False)
+                for sentence in done:
+                    yield sentence
+            for sentence in split_sentences(buffer, final=True)[0]:
+                yield sentence
+
+        async def data_gen() -> AsyncGenerator[bytes]:
+            spoken = 0
+            header_sent = False
+            async for sentence in sentences():
+                if spoken + len(sentence) > TTS_MAX_CHARS:
+                    LOGGER.warning("TTS: the text is longer than %d characters; the rest is not spoken", TTS_MAX_CHARS)
+                    break
+                spoken += len(sentence)
+                pcm = await self._speak(sentence, voice)
+                if not header_sent:  # only once the first sentence spoke: an error before it is a clean error
+                    yield _stream_header()
+                    header_sent = True
+                yield pcm
+            if not header_sent:
+                yield _stream_header()
+                yield SILENCE
 
         return TTSAudioResponse("wav", data_gen())

@@ -4,7 +4,7 @@ No Home Assistant imports here: the API is made of plain values so that it could
 worker process or a separate server.
 """
 
-from .core import EngineConfig, RouteInfo, SaraiEngine
+from .core import ChatTurn, EngineConfig, RouteInfo, SaraiEngine
 from .errors import EngineError
 from .types import ChatDelta, ChatMessage, ChatRequest, ToolCall, ToolSpec
 
@@ -12,6 +12,7 @@ __all__ = [
     "ChatDelta",
     "ChatMessage",
     "ChatRequest",
+    "ChatTurn",
     "EngineConfig",
     "EngineError",
     "RouteInfo",

@@ -1,4 +1,4 @@
-"""Audio helpers: WAV/PCM in, 16 kHz mono float out; float out, 16-bit WAV bytes."""
+"""Audio helpers: WAV/PCM at any rate in, 16 kHz mono float out; float out, 16-bit WAV bytes."""
 
 from __future__ import annotations
 
@@ -25,14 +25,25 @@ def pcm16_to_float(pcm: bytes, channels: int = 1) -> np.ndarray:
 
 
 def resample(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """Linear-interpolation resampling (enough for speech recognition input)."""
-    if rate == target or samples.size == 0:
-        return np.asarray(samples, dtype=np.float32)
-    n_out = int(round(samples.size * target / rate))
-    x_old = np.arange(samples.size, dtype=np.float64) / rate
-    x_new = np.arange(n_out, dtype=np.float64) / target
-    out: np.ndarray = np.interp(x_new, x_old, samples).astype(np.float32)
-    return out
+    """Band-limited resampling of mono float32 audio (libswresample through PyAV), any rate to any rate."""
+    if rate <= 0 or target <= 0:
+        raise InvalidInput(f"impossible sample rate {rate} -> {target}", key="audio_invalid")
+    data = np.ascontiguousarray(samples, dtype=np.float32).reshape(-1)
+    if rate == target or data.size == 0:
+        return data
+    import av
+
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=int(target))
+    frame = av.AudioFrame.from_ndarray(data.reshape(1, -1), format="flt", layout="mono")
+    frame.sample_rate = int(rate)
+    frame.pts = 0
+    parts = [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
+    parts += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+    out: np.ndarray = np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+    n_out = int(round(data.size * target / rate))
+    if out.size < n_out:
+        out = np.concatenate([out, np.zeros(n_out - out.size, np.float32)])
+    return out[:n_out]
 
 
 def decode_wav(data: bytes) -> tuple[np.ndarray, int]:
@@ -40,19 +51,23 @@ def decode_wav(data: bytes) -> tuple[np.ndarray, int]:
     try:
         with wave.open(io.BytesIO(data), "rb") as wav:
             if wav.getsampwidth() != 2:
-                raise InvalidInput("only 16-bit PCM WAV is supported", reason="sample_width")
+                raise InvalidInput(
+                    f"{8 * wav.getsampwidth()}-bit WAV: only 16-bit PCM is supported", key="audio_invalid"
+                )
             rate = wav.getframerate()
             channels = wav.getnchannels()
             frames = wav.readframes(wav.getnframes())
     except (wave.Error, EOFError) as err:
-        raise InvalidInput(f"not a PCM WAV file: {err}", reason="not_wav") from err
+        raise InvalidInput(f"not a PCM WAV file: {err}", key="audio_invalid") from err
+    if rate <= 0 or channels <= 0:
+        raise InvalidInput(f"WAV header with rate {rate} and {channels} channels", key="audio_invalid")
     return pcm16_to_float(frames, channels), rate
 
 
 def to_hearing_input(samples: np.ndarray, rate: int) -> np.ndarray:
     """Mono float32 at 16 kHz; raises on empty audio."""
     if samples.size == 0:
-        raise InvalidInput("the audio is empty", reason="empty")
+        raise InvalidInput("the audio is empty", key="audio_empty")
     return resample(samples, rate, HEAR_RATE)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+import importlib
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -16,6 +18,7 @@ import numpy as np
 from . import audio as audio_mod
 from .errors import (
     ContextOverflow,
+    DependencyMissing,
     EngineError,
     InsufficientMemory,
     ModelCorrupt,
@@ -25,6 +28,8 @@ from .errors import (
     UnsupportedModality,
 )
 from .events import DEFAULT_LABELS, event_prompt, event_schema, parse_events, video_question
+from .grammar import with_safe_schema
+from .history import window
 from .llama_backend import LlamaBackend
 from .manager import Backend, ModelManager, process_rss_bytes
 from .media import Clip, prepare_clip
@@ -32,6 +37,7 @@ from .models import MB
 from .omni_backend import OmniBackend, load_image, transcribe_prompt
 from .router import CircuitBreaker, Decision, RoutingRules, decide
 from .solar import SolarClient
+from .text import TextSanitizer, clean_delta, then_end
 from .tools import ToolCallStreamParser
 from .types import ChatDelta, ChatMessage, ChatRequest, EngineStatus
 
@@ -39,6 +45,38 @@ _LOGGER = logging.getLogger(__name__)
 
 TEXT = "text"
 OMNI = "omni"
+
+
+PACKAGE_NAMES = {"llama_cpp": "llama-cpp-python", "torch": "torch", "transformers": "transformers"}
+
+
+def require_packages(modules: list[str]) -> None:
+    """Import each module once (cheap when already imported); a missing one is DependencyMissing, at setup
+    rather than as an ImportError at the first turn."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise DependencyMissing(PACKAGE_NAMES.get(module, module)) from err
+
+
+def physical_cores() -> int:
+    """Physical CPU cores (llama.cpp runs fastest with one thread per core; hyper-threads do not help)."""
+    cores: set[tuple[str, str]] = set()
+    physical = core = ""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "physical id":
+                    physical = value.strip()
+                elif key == "core id":
+                    core = value.strip()
+                    cores.add((physical, core))
+    except OSError:
+        pass
+    return len(cores) or os.cpu_count() or 1
 
 
 @dataclass(slots=True)
@@ -65,17 +103,40 @@ class EngineConfig:
 
 @dataclass(slots=True)
 class RouteInfo:
-    """The route a turn took, and why (shown in debug data, diagnostics and a sensor)."""
+    """The route a turn took, and why (shown in debug data, diagnostics and a sensor).
+
+    The engine decides it and fills it in while the answer streams; callers only read it.
+    """
 
     route: str = "local"
     reason: str = ""
     fallback: str | None = None
+    agent: str | None = None
     started: float = field(default_factory=time.monotonic)
     duration_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON view."""
-        return {"route": self.route, "reason": self.reason, "fallback": self.fallback, "duration_s": self.duration_s}
+        return {
+            "route": self.route,
+            "reason": self.reason,
+            "fallback": self.fallback,
+            "agent": self.agent,
+            "duration_s": self.duration_s,
+        }
+
+
+class ChatTurn:
+    """One streamed answer: iterate it for the deltas; ``route`` says where it went and why."""
+
+    def __init__(self, route: RouteInfo, stream: AsyncIterator[ChatDelta]) -> None:
+        """Wrap the engine's stream."""
+        self.route = route
+        self._stream = stream
+
+    def __aiter__(self) -> AsyncIterator[ChatDelta]:
+        """The deltas."""
+        return self._stream
 
 
 class SaraiEngine:
@@ -87,9 +148,12 @@ class SaraiEngine:
         session: aiohttp.ClientSession | None = None,
         on_remote_auth_error: Callable[[], None] | None = None,
     ) -> None:
-        """Validate the configured files (raises ModelMissing / ModelCorrupt) and build backends."""
+        """Validate the configured files (raises ModelMissing / ModelCorrupt) and that the packages the backends
+        need are importable (raises DependencyMissing), then build the backends."""
         self.config = config
-        self.text = LlamaBackend(TEXT, config.gguf_model, config.n_ctx, config.n_threads, config.mmproj_model)
+        require_packages(["llama_cpp"] + (["torch", "transformers"] if config.omni_model else []))
+        threads = config.n_threads or physical_cores()
+        self.text = LlamaBackend(TEXT, config.gguf_model, config.n_ctx, threads, config.mmproj_model)
         backends: list[Backend] = [self.text]
         if config.omni_model:
             backends.append(OmniBackend(OMNI, config.omni_model, config.omni_dtype, config.omni_int8))
@@ -153,7 +217,11 @@ class SaraiEngine:
     # -- text ----------------------------------------------------------------------------
 
     async def chat_local(self, request: ChatRequest) -> AsyncIterator[ChatDelta]:
-        """Stream a local answer; Qwen <tool_call> blocks come out as ToolCall values."""
+        """Stream a local answer; Qwen <tool_call> blocks come out as ToolCall values (when tools were offered).
+
+        A JSON schema is checked before the request is queued; the text is sanitized (text.py).
+        """
+        request = with_safe_schema(request)
         llama = self.manager.backend(TEXT)
         assert isinstance(llama, LlamaBackend)
 
@@ -161,26 +229,52 @@ class SaraiEngine:
             llama.chat(request, emit, stop)
 
         parser = ToolCallStreamParser()
-        stream = self.manager.stream(TEXT, work, request.timeout_s)
+        sanitizer = TextSanitizer(break_runs=request.json_schema is None)
+        tools = bool(request.tools)
+        stream = self.manager.stream(TEXT, work, self.config.request_timeout_s)
         assert isinstance(stream, AsyncGenerator)
         try:
-            async for text in stream:
-                delta = parser.feed(text)
-                if delta.content or delta.tool_calls:
+            async for text in then_end(stream):  # the text, then None at its end
+                raw = parser.feed(text) if text is not None else parser.finish()
+                delta = clean_delta(raw, sanitizer, tools=tools, final=text is None)
+                if delta is not None:
                     yield delta
         finally:
             await stream.aclose()
-        tail = parser.finish()
-        if tail.content or tail.tool_calls:
-            yield tail
 
-    def decide(self, text: str) -> Decision:
+    def decide(self, text: str, mode: str | None = None) -> Decision:
         """Routing decision for a user text (pure; see router.py)."""
-        return decide(text, self.config.routing_mode, self.config.rules, self.solar is not None)
+        return decide(text, mode or self.config.routing_mode, self.config.rules, self.solar is not None)
 
-    async def chat(self, request: ChatRequest, route: RouteInfo) -> AsyncIterator[ChatDelta]:
-        """Stream an answer on the route in ``route`` (filled by ``decide``), with fallback both ways."""
-        self.last_route = route
+    def chat(self, request: ChatRequest) -> ChatTurn:
+        """Decide the route from the last user message and stream the answer, with fallback both ways.
+
+        An explicit routing prefix (``piensa:``, ``think:``) is removed before the model sees the text.
+        Turns of an assistant (``request.agent`` set) become ``last_route``; internal work does not.
+        """
+        last_user = next(
+            (i for i in range(len(request.messages) - 1, -1, -1) if request.messages[i].role == "user"), None
+        )
+        text = request.messages[last_user].content if last_user is not None else ""
+        decision = self.decide(text, request.routing_mode)
+        if last_user is not None and decision.text != text.strip():
+            messages = list(request.messages)
+            messages[last_user] = replace(messages[last_user], content=decision.text)
+            request = replace(request, messages=messages)
+        route = RouteInfo(route=decision.route, reason=decision.reason, agent=request.agent)
+        if request.agent is not None:
+            self.last_route = route
+        _LOGGER.debug(
+            "Chat for %s: %d messages, %d tools, route %s (%s)",
+            request.agent or "internal work",
+            len(request.messages),
+            len(request.tools),
+            route.route,
+            route.reason,
+        )
+        return ChatTurn(route, self._chat(request, route))
+
+    async def _chat(self, request: ChatRequest, route: RouteInfo) -> AsyncIterator[ChatDelta]:
         try:
             if route.route == "remote":
                 async for delta in self._chat_remote_with_fallback(request, route):
@@ -190,13 +284,21 @@ class SaraiEngine:
                     yield delta
         finally:
             route.duration_s = round(time.monotonic() - route.started, 4)
+            _LOGGER.debug("Chat answered on %s in %.3f s (fallback: %s)", route.route, route.duration_s, route.fallback)
 
     async def _remote(self, request: ChatRequest) -> AsyncIterator[ChatDelta]:
-        """Stream from SOLAR, keeping the circuit breaker, the "down" log and the reauth hook up to date."""
+        """Stream from SOLAR, keeping the circuit breaker, the "down" log and the reauth hook up to date.
+
+        The JSON schema is checked and the history windowed as for a local answer; the text is sanitized.
+        """
         assert self.solar is not None
+        request = replace(with_safe_schema(request), messages=window(request.messages, request.history_turns))
+        sanitizer = TextSanitizer(break_runs=request.json_schema is None)
         try:
             async for delta in self.solar.chat_stream(request):
-                yield delta
+                clean = clean_delta(delta, sanitizer)
+                if clean is not None:
+                    yield clean
         except RemoteError as err:
             if isinstance(err, RemoteAuthError) and self._on_auth_error is not None:
                 self._on_auth_error()
@@ -204,6 +306,9 @@ class SaraiEngine:
                 _LOGGER.warning("SOLAR server failed: %s", err)
                 self._remote_down_logged = True
             raise
+        tail = sanitizer.finish()
+        if tail:
+            yield ChatDelta(content=tail)
         self.breaker.success()
         if self._remote_down_logged:
             _LOGGER.info("SOLAR server is answering again")
@@ -234,7 +339,8 @@ class SaraiEngine:
                 started = True
                 yield delta
         except (InsufficientMemory, ContextOverflow, ModelMissing, ModelCorrupt) as err:
-            if started or self.solar is None or not self.breaker.allow() or self.config.routing_mode == "local":
+            mode = request.routing_mode or self.config.routing_mode
+            if started or self.solar is None or not self.breaker.allow() or mode == "local":
                 raise
             route.route, route.fallback = "remote", f"local failed: {err}"
             async for delta in self._remote(request):
@@ -258,7 +364,11 @@ class SaraiEngine:
                 return omni.transcribe(c, language, stop)
 
             parts.append(await self.manager.call(name, run, self.config.request_timeout_s))
-        return " ".join(p for p in parts if p).strip()
+        heard = " ".join(p for p in parts if p).strip()
+        _LOGGER.debug(
+            "Heard %.2f s of audio on %s: %d characters", audio16.size / audio_mod.HEAR_RATE, name, len(heard)
+        )
+        return heard
 
     async def describe_image(self, image: bytes, prompt: str, max_tokens: int = 128) -> str:
         """Image bytes + question -> text."""
@@ -294,7 +404,14 @@ class SaraiEngine:
         self._require("speak")
         omni = self.manager.backend(OMNI)
         assert isinstance(omni, OmniBackend)
+        started = time.monotonic()
         wav = await self.manager.call(OMNI, lambda stop: omni.speak(text, voice, stop), self.config.request_timeout_s)
+        _LOGGER.debug(
+            "Spoke %d characters as %.2f s of audio in %.2f s",
+            len(text),
+            wav.size / audio_mod.SPEAK_RATE,
+            time.monotonic() - started,
+        )
         return audio_mod.float_to_pcm16(wav)
 
     async def analyze_clip(
@@ -372,27 +489,27 @@ class SaraiEngine:
         self, summary: str, labels: list[str], duration_s: float
     ) -> tuple[list[dict[str, Any]], list[str], str]:
         """Structured events from the description: JSON-schema constrained, validated, retried once."""
-        decision = self.decide(summary)
         schema = event_schema(labels)
         messages = event_prompt(summary, labels, duration_s)
-        route = RouteInfo(route=decision.route, reason=decision.reason)
+        route = "local"
         for attempt in (1, 2):
-            route = RouteInfo(route=decision.route, reason=decision.reason)
-            request = ChatRequest(messages=list(messages), max_tokens=384, temperature=0.0, json_schema=schema)
+            turn = self.chat(ChatRequest(messages=list(messages), max_tokens=384, temperature=0.0, json_schema=schema))
             text = ""
             try:
-                async for delta in self.chat(request, route):
+                async for delta in turn:
                     text += delta.content
             except EngineError as err:
                 _LOGGER.warning("Event extraction failed (attempt %d): %s", attempt, err)
                 continue
+            finally:
+                route = turn.route.route
             try:
-                return parse_events(text, labels, duration_s), [], route.route
+                return parse_events(text, labels, duration_s), [], route
             except ValueError as err:
                 _LOGGER.warning("Event JSON rejected (attempt %d): %s", attempt, err)
                 messages.append(ChatMessage("assistant", text))
                 messages.append(ChatMessage("user", f"Invalid: {err}. Answer again with valid JSON only."))
-        return [], ["the model did not return valid events; returned the summary only"], route.route
+        return [], ["the model did not return valid events; returned the summary only"], route
 
     # -- status ---------------------------------------------------------------------------
 
@@ -415,4 +532,4 @@ class SaraiEngine:
         )
 
 
-__all__ = ["ChatMessage", "EngineConfig", "EngineError", "RouteInfo", "SaraiEngine"]
+__all__ = ["ChatMessage", "ChatTurn", "EngineConfig", "EngineError", "RouteInfo", "SaraiEngine"]

@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 
 class EngineError(Exception):
-    """Base class: every engine failure carries a translation key and placeholders."""
+    """Base class: every engine failure carries a translation key and placeholders.
+
+    The message (``str(err)``) is English detail for the log. What a user sees is the translation
+    of ``translation_key`` with ``placeholders``: meaningful values only (a file's name, numbers),
+    never a path, an exception text or an object's repr. ``key`` picks a more precise translation
+    than the class's own (``InvalidInput("...", key="image_invalid")``). A ``path`` placeholder is
+    reduced to the file's name (``file``).
+    """
 
     translation_key = "engine_error"
 
-    def __init__(self, message: str, **placeholders: Any) -> None:
+    def __init__(self, message: str, *, key: str | None = None, **placeholders: Any) -> None:
         """Store a plain message and the values used to translate it."""
         super().__init__(message)
+        if key is not None:
+            self.translation_key = key
+        path = placeholders.pop("path", None)
+        if path is not None:
+            placeholders.setdefault("file", os.path.basename(str(path).rstrip("/")) or str(path))
         self.placeholders: dict[str, str] = {k: str(v) for k, v in placeholders.items()}
-        self.placeholders.setdefault("error", message)
 
 
 class ModelMissing(EngineError):
@@ -27,6 +39,17 @@ class ModelCorrupt(EngineError):
     """A model file exists but cannot be parsed or loaded."""
 
     translation_key = "model_corrupt"
+
+
+class DependencyMissing(EngineError):
+    """A Python package the configured placement needs is not installed (llama-cpp-python, torch, transformers)."""
+
+    translation_key = "dependency_missing"
+
+    def __init__(self, package: str) -> None:
+        """Name the missing package."""
+        super().__init__(f"the Python package {package} is not installed", package=package)
+        self.package = package
 
 
 class InsufficientMemory(EngineError):
@@ -50,9 +73,17 @@ class InsufficientMemory(EngineError):
 
 
 class UnsupportedModality(EngineError):
-    """The configured models cannot do this (e.g. speech without an Omni checkpoint)."""
+    """The configured models cannot do this (e.g. speech without an Omni checkpoint).
+
+    The translation is per capability: ``unsupported_hear``, ``unsupported_see``, ``unsupported_speak``,
+    ``unsupported_video``.
+    """
 
     translation_key = "unsupported_modality"
+
+    def __init__(self, message: str, *, capability: str, **placeholders: Any) -> None:
+        """Pick the capability's own translation."""
+        super().__init__(message, key=f"unsupported_{capability}", capability=capability, **placeholders)
 
 
 class ContextOverflow(EngineError):

@@ -30,7 +30,16 @@ def video_question(prompt: str, labels: list[str], duration_s: float, with_audio
 
 
 def event_schema(labels: list[str]) -> dict[str, Any]:
-    """JSON schema for the events answer (used for constrained decoding and by remote servers)."""
+    """JSON schema for the events answer (used for constrained decoding and by remote servers).
+
+    Without labels no event can be named: the list must stay empty (never an empty enum).
+    """
+    if not labels:
+        return {
+            "type": "object",
+            "properties": {"events": {"type": "array", "maxItems": 0}},
+            "required": ["events"],
+        }
     return {
         "type": "object",
         "properties": {

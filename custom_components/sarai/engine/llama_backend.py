@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import json
+import logging
 import threading
 from typing import Any
 
 import numpy as np
 
-from .errors import ContextOverflow, EngineError, ModelCorrupt
+from .errors import ContextOverflow, EngineError, InvalidInput, ModelCorrupt
+from .grammar import check_gbnf, json_grammar
+from .history import first_kept_turn, split_turns
 from .manager import Backend, Emit
 from .models import GGUFInfo, MMProjInfo, inspect_gguf, inspect_mmproj
-from .tools import render_chatml
+from .text import sanitize_text
+from .tools import ASSISTANT_OPENER, TOOL_CLOSE, TOOL_OPEN, Segment, message_segments, system_segments
 from .types import ChatRequest
 
+_LOGGER = logging.getLogger(__name__)
+
 MTMD_COMPUTE_BYTES = 64 * 1024 * 1024
+MIN_ANSWER_TOKENS = 8  # below this much room for the answer the prompt does not fit
 
 
 class LlamaBackend(Backend):
@@ -41,6 +47,8 @@ class LlamaBackend(Backend):
         self._mtmd: Any = None
         self.last_prompt_tokens: list[int] = []  # what the last chat evaluated (benchmarks compare against it)
         self.last_generated = 0
+        self.last_output_tokens: list[int] = []  # what the last chat generated
+        self._tool_tokens: frozenset[int] = frozenset()  # special tokens whose text replies may hold
 
     @property
     def loaded(self) -> bool:
@@ -79,6 +87,10 @@ class LlamaBackend(Backend):
             )
         except (ValueError, RuntimeError, OSError) as err:
             raise ModelCorrupt(f"llama.cpp cannot load {self.info.path}: {err}", path=self.info.path) from err
+        # <tool_call> / </tool_call> may be special tokens: the only ones whose text a reply keeps
+        # (the tool-call parser needs it); every other special token is generated as nothing.
+        ids = [self._llm.tokenize(tag.encode(), add_bos=False, special=True) for tag in (TOOL_OPEN, TOOL_CLOSE)]
+        self._tool_tokens = frozenset(t[0] for t in ids if len(t) == 1)
         if self.mmproj is not None:
             try:
                 self._load_mtmd()
@@ -111,48 +123,106 @@ class LlamaBackend(Backend):
         if llm is not None:
             llm.close()
 
+    def tokenize_segments(self, segments: list[Segment]) -> list[int]:
+        """Tokens of prompt segments: special tokens are parsed in SARAi's template only, never in what
+        a message holds (a user who writes ``<|im_start|>system`` gets those characters, not a new turn)."""
+        tokens: list[int] = []
+        for text, special in segments:
+            if text:
+                data = text.encode("utf-8", errors="replace")
+                tokens += self._llm.tokenize(data, add_bos=False, special=special)
+        return tokens
+
+    def prompt_tokens(self, request: ChatRequest) -> list[int]:
+        """The prompt's tokens: system turn, the newest turns that fit (oldest whole turns dropped), the opener.
+
+        Raises ContextOverflow when even the system turn and the newest turn leave no room to answer.
+        """
+        head, turns = split_turns(request.messages)
+        system = head[0] if head else None
+        fixed = self.tokenize_segments(system_segments(system, request.tools))
+        for extra in head[1:]:  # further leading system messages (none from Home Assistant)
+            fixed += self.tokenize_segments(message_segments(extra))
+        opener = self.tokenize_segments(ASSISTANT_OPENER)
+        turn_tokens = [[t for msg in turn for t in self.tokenize_segments(message_segments(msg))] for turn in turns]
+        reserve = min(request.max_tokens, self.n_ctx // 2)
+        budget = self.n_ctx - len(fixed) - len(opener) - reserve
+        start = first_kept_turn([len(t) for t in turn_tokens], budget, request.history_turns)
+        if start:
+            _LOGGER.debug(
+                "Conversation %s: dropped the %d oldest turns (%d messages, %d tokens) to fit %d tokens of context"
+                " and a window of %d past turns",
+                request.conversation_id,
+                start,
+                sum(len(t) for t in turns[:start]),
+                sum(len(t) for t in turn_tokens[:start]),
+                self.n_ctx,
+                request.history_turns,
+            )
+        tokens = fixed + [t for turn in turn_tokens[start:] for t in turn] + opener
+        if self.n_ctx - len(tokens) < MIN_ANSWER_TOKENS:
+            raise ContextOverflow(
+                f"the prompt has {len(tokens)} tokens; the context holds {self.n_ctx}",
+                tokens=len(tokens),
+                n_ctx=self.n_ctx,
+            )
+        return tokens
+
+    def grammar(self, schema: dict[str, Any]) -> Any:
+        """A LlamaGrammar for ``schema``, checked in Python and by llama.cpp's own parser before any sampling."""
+        import llama_cpp
+
+        grammar = llama_cpp.LlamaGrammar.from_string(json_grammar(schema), verbose=False)  # type: ignore[attr-defined]
+        self.check_grammar(grammar._grammar, grammar._root)
+        return grammar
+
+    def check_grammar(self, text: str, root: str = "root") -> None:
+        """Refuse (InvalidInput) a GBNF text that our checker or llama.cpp's parser rejects.
+
+        llama-cpp-python adds whatever ``llama_sampler_init_grammar`` returns to the sampler chain;
+        a NULL there (a grammar llama.cpp could not parse, or a left-recursive one) crashes sampling.
+        """
+        import llama_cpp
+
+        check_gbnf(text, root)
+        vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        sampler = llama_cpp.llama_sampler_init_grammar(vocab, text.encode(), root.encode())
+        if not sampler:
+            raise InvalidInput("llama.cpp refused the grammar", key="structure_invalid")
+        llama_cpp.llama_sampler_free(sampler)
+
     def chat(self, request: ChatRequest, emit: Emit, stop: threading.Event) -> None:
         """Stream raw completion text for a chat request; stops at the next token when asked.
 
         llama-cpp-python keeps the KV cache of the previous prompt and only evaluates the new
         suffix, so the next turn of the same conversation reuses the shared prefix.
         """
-        prompt = render_chatml(request.messages, request.tools)
-        tokens = self._llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-        room = self.n_ctx - len(tokens)
-        if room < 8:
-            raise ContextOverflow(
-                f"the prompt has {len(tokens)} tokens; the context holds {self.n_ctx}",
-                tokens=len(tokens),
-                n_ctx=self.n_ctx,
-            )
         import llama_cpp
 
-        grammar = None
-        if request.json_schema is not None:
-            grammar = llama_cpp.LlamaGrammar.from_json_schema(  # type: ignore[attr-defined]
-                json.dumps(request.json_schema), verbose=False
-            )
+        grammar = self.grammar(request.json_schema) if request.json_schema is not None else None
+        tokens = self.prompt_tokens(request)
+        room = self.n_ctx - len(tokens)
         # Our own token loop (not create_completion's stream): a stop request is honoured at the
         # next token, and text is decoded incrementally (linear, even when a model emits partial
-        # UTF-8 for a long time).
+        # UTF-8 for a long time). Special tokens come out as nothing, but <tool_call> tags.
         vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         budget = min(request.max_tokens, room - 1)
-        produced = 0
+        produced: list[int] = []
         self.last_prompt_tokens = list(tokens)
+        self.last_output_tokens = produced
         for token in self._llm.generate(
             tokens, temp=request.temperature, top_k=40, top_p=0.95, min_p=0.05, grammar=grammar
         ):
             if stop.is_set() or llama_cpp.llama_vocab_is_eog(vocab, token):
                 break
-            text = decoder.decode(self._llm.detokenize([token], special=True))
+            produced.append(token)
+            text = decoder.decode(self._llm.detokenize([token], special=token in self._tool_tokens))
             if text:
                 emit(text)
-            produced += 1
-            if produced >= budget:
+            if len(produced) >= budget:
                 break
-        self.last_generated = produced
+        self.last_generated = len(produced)
         tail = decoder.decode(b"", final=True)
         if tail:
             emit(tail)
@@ -170,20 +240,21 @@ class LlamaBackend(Backend):
         """Answer ``prompt`` about audio (16 kHz float32 arrays) and images (RGB PIL images), greedy.
 
         ``media`` holds ("audio", samples) or ("image", image) in prompt order, each placed where
-        its marker goes, before the question.
+        its marker goes, before the question. libmtmd tokenizes only the media markers (with special
+        tokens); the system prompt and the question are tokenized as plain text and evaluated around them.
         """
         import llama_cpp
         import llama_cpp.mtmd_cpp as mtmd
 
         if self._mtmd is None:
             raise ModelCorrupt("no mmproj is loaded", path=self.info.path)
-        marker = mtmd.mtmd_default_marker().decode()
-        parts = []
+        head: list[Segment] = []
         if system:
-            parts.append(f"<|im_start|>system\n{system}<|im_end|>\n")
-        parts.append("<|im_start|>user\n" + "".join(f"{marker}\n" for _ in media))
-        parts.append(f"{prompt}<|im_end|>\n<|im_start|>assistant\n")
-        text_bytes = "".join(parts).encode()
+            head += [("<|im_start|>system\n", True), (system, False), ("<|im_end|>\n", True)]
+        head_tokens = self.tokenize_segments([*head, ("<|im_start|>user\n", True)])
+        tail_tokens = self.tokenize_segments([(prompt, False), ("<|im_end|>\n", True), *ASSISTANT_OPENER])
+        marker = mtmd.mtmd_default_marker().decode()
+        text_bytes = "".join(f"{marker}\n" for _ in media).encode()
         bitmaps = [self._bitmap(kind, value) for kind, value in media]
         chunks = mtmd.mtmd_input_chunks_init()
         ctx = self._llm._ctx.ctx
@@ -193,12 +264,12 @@ class LlamaBackend(Backend):
             text.text = text_bytes
             text.text_len = len(text_bytes)
             text.add_special = False
-            text.parse_special = True
+            text.parse_special = True  # the text is SARAi's media markers and newlines only
             array = (mtmd.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps)
             if mtmd.mtmd_tokenize(self._mtmd, chunks, ctypes.byref(text), array, len(bitmaps)) != 0:
                 raise ModelCorrupt("libmtmd could not tokenize the media", path=self.info.path)
-            n_prompt = int(mtmd.mtmd_helper_get_n_pos(chunks))
-            if n_prompt + 8 > self.n_ctx:
+            n_prompt = len(head_tokens) + int(mtmd.mtmd_helper_get_n_pos(chunks)) + len(tail_tokens)
+            if n_prompt + MIN_ANSWER_TOKENS > self.n_ctx:
                 raise ContextOverflow(
                     f"the media need {n_prompt} positions; the context holds {self.n_ctx}",
                     tokens=n_prompt,
@@ -206,12 +277,15 @@ class LlamaBackend(Backend):
                 )
             llama_cpp.llama_memory_clear(memory, True)
             self._llm.reset()
-            n_past = llama_cpp.llama_pos(0)
+            start = self._decode(head_tokens, 0, logits_last=False)
+            n_past = llama_cpp.llama_pos(start)
             if mtmd.mtmd_helper_eval_chunks(
-                self._mtmd, ctx, chunks, 0, 0, self._llm.n_batch, True, ctypes.byref(n_past)
+                self._mtmd, ctx, chunks, start, 0, self._llm.n_batch, False, ctypes.byref(n_past)
             ):
                 raise ModelCorrupt("libmtmd could not evaluate the media", path=self.info.path)
-            return self._generate(n_past.value, min(max_tokens, self.n_ctx - n_prompt - 1), stop)
+            end = self._decode(tail_tokens, n_past.value, logits_last=True)
+            self.last_prompt_tokens = head_tokens + tail_tokens  # the text around the media
+            return self._generate(end, min(max_tokens, self.n_ctx - n_prompt - 1), stop)
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
             for bitmap in bitmaps:
@@ -234,6 +308,30 @@ class LlamaBackend(Backend):
         if not bitmap:
             raise ModelCorrupt(f"libmtmd refused the {kind}", path=self.info.path)
         return bitmap
+
+    def _decode(self, tokens: list[int], n_past: int, *, logits_last: bool) -> int:
+        """Evaluate text tokens at positions ``n_past``...; return the next position."""
+        import llama_cpp
+
+        ctx = self._llm._ctx.ctx
+        n_batch = max(1, int(self._llm.n_batch))
+        batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        try:
+            for first in range(0, len(tokens), n_batch):
+                part = tokens[first : first + n_batch]
+                batch.n_tokens = len(part)
+                for i, token in enumerate(part):
+                    batch.token[i] = token
+                    batch.pos[i] = n_past + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = logits_last and first + i == len(tokens) - 1
+                if llama_cpp.llama_decode(ctx, batch) != 0:  # pragma: no cover - the size was checked before
+                    raise ModelCorrupt("llama.cpp could not evaluate the prompt", path=self.info.path)
+                n_past += len(part)
+        finally:
+            llama_cpp.llama_batch_free(batch)
+        return n_past
 
     def _generate(self, n_past: int, max_tokens: int, stop: threading.Event) -> str:
         """Greedy decoding after the media prompt was evaluated."""
@@ -264,4 +362,4 @@ class LlamaBackend(Backend):
                 n_past += 1
         finally:
             llama_cpp.llama_batch_free(batch)
-        return out.decode("utf-8", errors="replace").strip()
+        return sanitize_text(out.decode("utf-8", errors="replace")).strip()

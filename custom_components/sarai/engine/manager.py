@@ -55,7 +55,12 @@ class Backend(ABC):
 
     @abstractmethod
     def estimate_bytes(self) -> int:
-        """Resident bytes once loaded, estimated without loading."""
+        """Resident bytes once loaded, estimated without loading (a first load includes ``framework_bytes``)."""
+
+    def framework_bytes(self) -> int:
+        """Bytes that stay resident once the backend has loaded, even after it unloads (a framework's code and
+        allocators: torch cannot be unimported). 0 by default."""
+        return 0
 
     @abstractmethod
     def load(self) -> None:
@@ -87,7 +92,6 @@ class ModelManager:
         self._plan_lock = asyncio.Lock()
         self._closed = False
         self.peak_rss_bytes = process_rss_bytes()
-        self.last_error: str | None = None
 
     # -- residency -------------------------------------------------------------------
 
@@ -100,7 +104,9 @@ class ModelManager:
         return name in self._slots
 
     def _resident_bytes(self) -> int:
-        return sum(s.backend.estimate_bytes() for s in self._slots.values() if s.backend.loaded)
+        """What the models hold now: the loaded backends, plus the frameworks that stay once brought in."""
+        loaded = sum(s.backend.estimate_bytes() for s in self._slots.values() if s.backend.loaded)
+        return loaded + sum(s.backend.framework_bytes() for s in self._slots.values() if s.backend.loads)
 
     async def _ensure_loaded(self, slot: _Slot) -> None:
         backend = slot.backend
@@ -155,7 +161,6 @@ class ModelManager:
                 async with slot.lock:
                     await self._ensure_loaded(slot)
             except EngineError as err:
-                self.last_error = str(err)
                 _LOGGER.warning("Warm-up of %s failed: %s", name, err)
 
     async def unload_idle(self, max_idle_s: float) -> list[str]:

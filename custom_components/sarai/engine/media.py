@@ -10,18 +10,31 @@ held in memory as a whole; a stream that stops answering is an error after ``tim
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 import math
 import time
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
 from .errors import InvalidInput, MediaUnavailable
+from .files import display_name, open_regular
 
 HEAR_RATE = 16000
 MAX_DURATION_S = 30.0
+MAX_FPS = 8.0
+# Live sources: network schemes only. FFmpeg may use these protocols underneath them (HLS over
+# HTTP(S), RTSP over TCP/UDP/RTP/TLS); never file, pipe, fd, concat, subfile or data.
+NETWORK_SCHEMES = ("http", "https", "rtsp", "rtsps", "rtmp", "rtmps", "rtmpt", "rtmpts", "srt", "tcp", "udp", "rtp")
+NETWORK_PROTOCOLS = "http,https,tls,tcp,udp,rtp,srtp,rtsp,rtsps,rtmp,rtmps,rtmpt,rtmpts,srt,crypto,httpproxy"
+# Local files: ordinary video containers only (no HLS playlists, concat lists or image sequences,
+# which would make FFmpeg open further paths named inside the file).
+LOCAL_FORMATS = "mov,mp4,matroska,webm,avi,mpegts,flv,mpeg,ogg,asf,h264,hevc,mjpeg,m4v,ivf,wav,mp3,aac"
 PATCH = 28  # Qwen2.5-Omni vision: 14 px patches merged 2x2
+MAX_ASPECT = 50
 
 
 @dataclass(slots=True)
@@ -56,9 +69,16 @@ class Clip:
         }
 
 
-def target_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
-    """Largest size of the same aspect within ``max_pixels``, in multiples of the 28 px patch."""
-    scale = min(1.0, math.sqrt(max_pixels / max(1, width * height)))
+def target_size(width: int, height: int, max_pixels: int, max_aspect: int = MAX_ASPECT) -> tuple[int, int]:
+    """Largest size of the same aspect within ``max_pixels``, in multiples of the 28 px patch.
+
+    An aspect beyond 1:``max_aspect`` (in either orientation) is squeezed to it: the vision
+    processors refuse extreme aspects, and a frame of a clip cannot be letterboxed per frame cheaply.
+    """
+    width, height = max(1, width), max(1, height)
+    width = min(width, height * max_aspect)
+    height = min(height, width * max_aspect)
+    scale = min(1.0, math.sqrt(max_pixels / (width * height)))
     w = max(PATCH, int(width * scale) // PATCH * PATCH)
     h = max(PATCH, int(height * scale) // PATCH * PATCH)
     return w, h
@@ -67,9 +87,68 @@ def target_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
 def validate_request(duration_s: float, fps: float) -> None:
     """Reject durations and rates the pipeline will not prepare."""
     if not 0 < duration_s <= MAX_DURATION_S:
-        raise InvalidInput(f"duration must be between 0 and {MAX_DURATION_S:g} s", reason="duration")
-    if not 0 < fps <= 8:
-        raise InvalidInput("fps must be between 0 and 8", reason="fps")
+        raise InvalidInput(
+            f"duration must be between 0 and {MAX_DURATION_S:g} s", key="video_duration", max_s=f"{MAX_DURATION_S:g}"
+        )
+    if not 0 < fps <= MAX_FPS:
+        raise InvalidInput(f"fps must be between 0 and {MAX_FPS:g}", key="video_fps", max_fps=f"{MAX_FPS:g}")
+
+
+def source_name(source: str) -> str:
+    """What a source is called in messages: a file's name, or a stream's scheme and host (never credentials)."""
+    parts = urlsplit(source)
+    if parts.scheme in NETWORK_SCHEMES:
+        return f"{parts.scheme}://{parts.hostname or ''}"
+    return display_name(local_path(source) or source)
+
+
+def local_path(source: str) -> str | None:
+    """The local path of a bare path or ``file:`` URL; None for anything else."""
+    parts = urlsplit(source)
+    if parts.scheme == "":  # a path
+        return source
+    if parts.scheme == "file" and parts.netloc in ("", "localhost"):
+        return unquote(parts.path)
+    return None
+
+
+@contextmanager
+def open_source(source: str, timeout_s: float) -> Iterator[Any]:
+    """Open a clip for demuxing without ever blocking for good.
+
+    A local file (a bare path or ``file:`` URL) must be a regular file: it is opened by SARAi
+    (``files.open_regular``: no FIFO, device, directory or socket, whatever the name or symlink) and
+    handed to FFmpeg as a file object, restricted to ordinary video containers (``format_whitelist``:
+    no playlists or concat lists that would make FFmpeg open further paths). A live stream may only use
+    network protocols (``protocol_whitelist``: never ``file``, ``pipe`` or ``fd``), with FFmpeg's
+    timeouts on opening and on every read. Other schemes are refused.
+    """
+    import av
+
+    name = source_name(source)
+    path = local_path(source)
+    scheme = urlsplit(source).scheme
+    with ExitStack() as stack:
+        target: Any
+        if path is not None:
+            target = stack.enter_context(open_regular(path))
+            options = {"format_whitelist": LOCAL_FORMATS}
+        elif scheme in NETWORK_SCHEMES:
+            target = source
+            options = {"protocol_whitelist": NETWORK_PROTOCOLS, "rw_timeout": str(int(timeout_s * 1e6))}
+        else:
+            raise InvalidInput(
+                f"unsupported stream source scheme {scheme!r}", key="video_source_unsupported", scheme=scheme
+            )
+        try:
+            container = av.open(target, timeout=(timeout_s, timeout_s), options=options)
+        except (av.error.FFmpegError, OSError) as err:
+            detail = str(err).replace(source, name)  # a stream URL may carry credentials: not even in the log
+            if path is not None or isinstance(err, av.error.InvalidDataError):  # there, but not a usable video
+                raise InvalidInput(f"not a video: {detail}", key="video_invalid", source=name) from err
+            raise MediaUnavailable(f"cannot open the stream: {detail}", reason="unreachable") from err
+        stack.enter_context(container)
+        yield container
 
 
 def prepare_clip(
@@ -85,17 +164,10 @@ def prepare_clip(
 
     validate_request(duration_s, fps)
     deadline = time.monotonic() + timeout_s + duration_s
-    try:
-        container = av.open(source, timeout=(timeout_s, timeout_s), options={"rw_timeout": str(int(timeout_s * 1e6))})
-    except FileNotFoundError as err:
-        raise InvalidInput(f"no such file: {source}", reason="missing") from err
-    except av.error.InvalidDataError as err:
-        raise InvalidInput(f"not a video file: {err}", reason="corrupt") from err
-    except (av.error.FFmpegError, OSError) as err:
-        raise MediaUnavailable(f"cannot open the stream: {err}", reason="unreachable") from err
-    with container:
+    name = source_name(source)
+    with open_source(source, timeout_s) as container:
         if not container.streams.video:
-            raise InvalidInput("the clip has no video stream", reason="no_video")
+            raise InvalidInput("the clip has no video stream", key="video_no_stream", source=name)
         vstream = container.streams.video[0]
         vstream.thread_type = "AUTO"
         astream = container.streams.audio[0] if (with_audio and container.streams.audio) else None
@@ -103,11 +175,12 @@ def prepare_clip(
         if with_audio and astream is None:
             warnings.append("no audio track: analysed the video only")
         try:
-            return _read(container, vstream, astream, duration_s, fps, max_pixels, deadline, warnings)
+            return _read(container, vstream, astream, duration_s, fps, max_pixels, deadline, warnings, name)
         except (av.error.ExitError, av.error.FFmpegError) as err:
-            if "timed out" in str(err).lower() or isinstance(err, av.error.ExitError):
-                raise MediaUnavailable(f"the stream stopped answering: {err}", reason="timeout") from err
-            raise InvalidInput(f"cannot decode the clip: {err}", reason="decode") from err
+            detail = str(err).replace(source, name)
+            if "timed out" in detail.lower() or isinstance(err, av.error.ExitError):
+                raise MediaUnavailable(f"the stream stopped answering: {detail}", reason="timeout") from err
+            raise InvalidInput(f"cannot decode the clip: {detail}", key="video_invalid", source=name) from err
 
 
 def _read(
@@ -119,6 +192,7 @@ def _read(
     max_pixels: int,
     deadline: float,
     warnings: list[str],
+    name: str,
 ) -> Clip:
     import av
 
@@ -178,7 +252,7 @@ def _read(
         for out in resampler.resample(None):
             audio_parts.append(out.to_ndarray().reshape(-1))
     if not frames:
-        raise InvalidInput("the clip has no decodable video frames", reason="empty")
+        raise InvalidInput("the clip has no decodable video frames", key="video_invalid", source=name)
     if damaged:
         warnings.append(f"{damaged} damaged packets skipped")
     audio = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 import re
 import time
 from typing import Any, Literal
@@ -79,7 +79,6 @@ class CircuitBreaker:
     failures: int = 0
     opened_at: float | None = None
     last_error: str | None = None
-    history: list[str] = field(default_factory=list)
 
     def allow(self, now: float | None = None) -> bool:
         """Whether a request may go remote now (a probe is allowed after the cool-down)."""

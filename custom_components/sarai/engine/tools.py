@@ -24,45 +24,68 @@ TOOLS_FOOTER = (
 )
 
 
-def render_tools(tools: Iterable[ToolSpec]) -> str:
-    """The system-prompt block that offers ``tools`` to a Qwen model."""
-    lines = [
-        json.dumps(
+Segment = tuple[str, bool]
+"""A piece of prompt text and whether it may hold special tokens (only SARAi's own template does)."""
+
+
+def tool_segments(tools: Iterable[ToolSpec]) -> list[Segment]:
+    """The system-prompt block that offers ``tools`` to a Qwen model (the tools' JSON is plain text)."""
+    out: list[Segment] = []
+    for tool in tools:
+        line = json.dumps(
             {
                 "type": "function",
-                "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+                "function": {"name": tool.name, "description": tool.description, "parameters": tool.parameters},
             },
             ensure_ascii=False,
         )
-        for t in tools
-    ]
-    return TOOLS_HEADER + "\n".join(lines) + TOOLS_FOOTER if lines else ""
+        out += [("\n", True), (line, False)] if out else [(TOOLS_HEADER, True), (line, False)]
+    return [*out, (TOOLS_FOOTER, True)] if out else []
+
+
+def system_segments(system: ChatMessage | None, tools: list[ToolSpec]) -> list[Segment]:
+    """The system turn: the system prompt (plain text) and the tools block, or nothing at all."""
+    block = tool_segments(tools)
+    if system is None and not block:
+        return []
+    if system is None:
+        block[0] = (block[0][0].lstrip(), True)
+        body = block
+    else:
+        body = [(system.content, False), *block]
+    return [("<|im_start|>system\n", True), *body, ("<|im_end|>\n", True)]
+
+
+def message_segments(msg: ChatMessage) -> list[Segment]:
+    """One message in ChatML: the markers are special, what the message holds is plain text."""
+    if msg.role == "tool":
+        return [
+            ("<|im_start|>user\n<tool_response>\n", True),
+            (msg.content, False),
+            ("\n</tool_response><|im_end|>\n", True),
+        ]
+    out: list[Segment] = [(f"<|im_start|>{msg.role}\n", True), (msg.content, False)]
+    for call in msg.tool_calls:
+        args = json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False)
+        out += [(f"\n{TOOL_OPEN}\n", True), (args, False), (f"\n{TOOL_CLOSE}", True)]
+    out.append(("<|im_end|>\n", True))
+    return out
+
+
+ASSISTANT_OPENER: list[Segment] = [("<|im_start|>assistant\n", True)]
+
+
+def chatml_segments(messages: list[ChatMessage], tools: list[ToolSpec]) -> list[list[Segment]]:
+    """The conversation as ChatML segments, one list per message (the system turn first, the opener last)."""
+    msgs = list(messages)
+    system = msgs.pop(0) if msgs and msgs[0].role == "system" else None
+    head = system_segments(system, tools)
+    return ([head] if head else []) + [message_segments(m) for m in msgs] + [ASSISTANT_OPENER]
 
 
 def render_chatml(messages: list[ChatMessage], tools: list[ToolSpec]) -> str:
     """Render a conversation as Qwen ChatML text, ending with the assistant turn opener."""
-    out: list[str] = []
-    tool_block = render_tools(tools)
-    msgs = list(messages)
-    if tool_block:
-        if msgs and msgs[0].role == "system":
-            msgs[0] = ChatMessage(role="system", content=msgs[0].content + tool_block)
-        else:
-            msgs.insert(0, ChatMessage(role="system", content=tool_block.lstrip()))
-    for msg in msgs:
-        if msg.role == "tool":
-            out.append(f"<|im_start|>user\n<tool_response>\n{msg.content}\n</tool_response><|im_end|>\n")
-            continue
-        body = msg.content
-        for call in msg.tool_calls:
-            body += (
-                f"\n{TOOL_OPEN}\n"
-                + json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False)
-                + f"\n{TOOL_CLOSE}"
-            )
-        out.append(f"<|im_start|>{msg.role}\n{body}<|im_end|>\n")
-    out.append("<|im_start|>assistant\n")
-    return "".join(out)
+    return "".join(text for part in chatml_segments(messages, tools) for text, _ in part)
 
 
 def parse_tool_call(text: str) -> ToolCall | None:

@@ -47,7 +47,9 @@ class ChatRequest:
     temperature: float = 0.7
     json_schema: dict[str, Any] | None = None
     conversation_id: str | None = None
-    timeout_s: float = 120.0
+    routing_mode: str | None = None  # None: the engine's configured mode
+    agent: str | None = None  # the assistant asking (named in the route); None for internal work
+    history_turns: int = 0  # past user turns kept (0: as many as the context holds)
 
 
 @dataclass(slots=True)
