@@ -72,3 +72,14 @@ async def local_server(app: web.Application, release: asyncio.Event | None = Non
             release.set()
             await asyncio.sleep(0.05)
         await runner.cleanup()
+
+
+async def start_flow(hass: HomeAssistant, placement: str = "in_process") -> Any:
+    """Start the config flow and pick where the model runs; return the form of that step."""
+    from homeassistant import config_entries
+
+    from custom_components.sarai.const import DOMAIN
+
+    menu = await hass.config_entries.flow.async_init(DOMAIN, context={"source": config_entries.SOURCE_USER})
+    assert menu["type"] == "menu", menu
+    return await hass.config_entries.flow.async_configure(menu["flow_id"], {"next_step_id": placement})

@@ -10,12 +10,13 @@ from homeassistant.data_entry_flow import FlowResultType
 import pytest
 
 from custom_components.sarai.const import DOMAIN
+from tests.common import start_flow
 
 pytestmark = pytest.mark.usefixtures("ha_core")
 
 
 async def _start(hass: HomeAssistant) -> str:
-    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": config_entries.SOURCE_USER})
+    result = await start_flow(hass)
     assert result["type"] is FlowResultType.FORM
     return str(result["flow_id"])
 
@@ -26,7 +27,7 @@ async def test_user_flow_creates_entry(hass: HomeAssistant, gguf_path: str, omni
     data = {"gguf_model": gguf_path, "mmproj_model": mmproj_path, "omni_model": omni_path, "memory_budget_mb": 12000}
     result = await hass.config_entries.flow.async_configure(flow_id, data)
     assert result["type"] is FlowResultType.CREATE_ENTRY
-    assert result["data"] == data
+    assert result["data"] == {**data, "placement": "in_process"}
     await hass.async_block_till_done()
     entry = hass.config_entries.async_entries(DOMAIN)[0]
     assert entry.state is config_entries.ConfigEntryState.LOADED

@@ -10,7 +10,6 @@ import re
 from typing import Any
 import wave
 
-from homeassistant import config_entries
 from homeassistant.components import conversation, tts
 from homeassistant.core import Context, HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType
@@ -23,7 +22,7 @@ from custom_components.sarai.const import DOMAIN, TTS_MAX_CHARS
 from custom_components.sarai.engine.errors import InvalidInput
 from custom_components.sarai.engine.solar import redact_url, validate_api_key, validate_url
 from custom_components.sarai.tts import MAX_SENTENCE_CHARS, split_sentences
-from tests.common import setup_entry
+from tests.common import setup_entry, start_flow
 
 pytestmark = pytest.mark.usefixtures("ha_core")
 
@@ -74,8 +73,12 @@ def test_good_urls_and_keys_pass() -> None:
 
 
 async def _user_flow(hass: HomeAssistant, data: dict[str, Any]) -> dict[str, Any]:
-    flow = await hass.config_entries.flow.async_init(DOMAIN, context={"source": config_entries.SOURCE_USER})
-    return dict(await hass.config_entries.flow.async_configure(flow["flow_id"], data))
+    """One submission of the model-files form; the flow is then abandoned (a form error keeps it open)."""
+    flow = await start_flow(hass)
+    result = dict(await hass.config_entries.flow.async_configure(flow["flow_id"], data))
+    if result["type"] is FlowResultType.FORM:
+        hass.config_entries.flow.async_abort(flow["flow_id"])
+    return result
 
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://x/v1", "javascript:alert(1)", "http://h/\r\nv1", "::"])

@@ -47,7 +47,7 @@ from custom_components.sarai.engine.omni_backend import (
     load_image,
 )
 from custom_components.sarai.errors import to_ha_error
-from tests.common import setup_entry as _setup
+from tests.common import setup_entry as _setup, start_flow
 
 pytestmark = [pytest.mark.usefixtures("ha_core"), pytest.mark.timeout(240)]
 
@@ -323,9 +323,8 @@ async def test_config_flow_refuses_special_files(
     hass: HomeAssistant, gguf_path: str, specials: dict[str, Path], field: str, kind: str
 ) -> None:
     """A model path that is a FIFO, /dev/zero (via a link), a directory or a socket is a form error at once."""
-    from homeassistant import config_entries
 
-    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": config_entries.SOURCE_USER})
+    result = await start_flow(hass)
     data = {"gguf_model": gguf_path, "memory_budget_mb": 12000, field: str(specials[kind])}
     async with asyncio.timeout(PROMPT):
         result = await hass.config_entries.flow.async_configure(result["flow_id"], data)
@@ -483,14 +482,13 @@ async def test_truncated_models_fail_flow_and_setup(
     hass: HomeAssistant, make_entry, tmp_path: Path, gguf_path: str, mmproj_path: str, field: str
 ) -> None:
     """Half a GGUF or half an mmproj: a form error in the config flow, ConfigEntryError + repair at setup."""
-    from homeassistant import config_entries
 
     source = gguf_path if field == "gguf_model" else mmproj_path
     half = tmp_path / Path(source).name
     data = Path(source).read_bytes()
     half.write_bytes(data[: len(data) // 2])
     base = {"gguf_model": gguf_path, "mmproj_model": mmproj_path, "memory_budget_mb": 12000}
-    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": config_entries.SOURCE_USER})
+    result = await start_flow(hass)
     result = await hass.config_entries.flow.async_configure(result["flow_id"], {**base, field: str(half)})
     assert result["errors"] == {field: f"{field.split('_')[0]}_truncated"}
     result = await hass.config_entries.flow.async_configure(result["flow_id"], base)  # the intact files pass

@@ -19,7 +19,7 @@ from homeassistant.helpers import intent
 import pytest
 
 from custom_components.sarai.const import DOMAIN
-from tests.common import setup_entry as _setup
+from tests.common import setup_entry as _setup, start_flow
 
 pytestmark = pytest.mark.usefixtures("ha_core")
 
@@ -83,7 +83,7 @@ async def _ask(hass: HomeAssistant, text: str) -> conversation.ConversationResul
 
 async def test_llama_cpp_server_as_solar(hass: HomeAssistant, make_entry, llama_server: str, socket_enabled) -> None:
     """Config flow validates the real server; in auto mode heavy reasoning goes remote, device talk stays local."""
-    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": "user"})
+    result = await start_flow(hass)
     result = await hass.config_entries.flow.async_configure(
         result["flow_id"],
         {"gguf_model": make_entry().data["gguf_model"], "memory_budget_mb": 12000, "solar_url": llama_server},

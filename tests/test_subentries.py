@@ -14,7 +14,7 @@ import pytest
 from pytest_homeassistant_custom_component.common import MockConfigEntry, async_capture_events
 
 from custom_components.sarai.const import DOMAIN
-from tests.common import setup_entry
+from tests.common import setup_entry, start_flow
 
 pytestmark = pytest.mark.usefixtures("ha_core")
 
@@ -286,9 +286,8 @@ async def test_a_newer_entry_is_not_downgraded(hass: HomeAssistant, gguf_path: s
 
 async def test_new_entry_has_its_assistants(hass: HomeAssistant, gguf_path: str) -> None:
     """The config flow creates the engine entry with one conversation and one AI Task agent."""
-    from homeassistant import config_entries
 
-    flow = await hass.config_entries.flow.async_init(DOMAIN, context={"source": config_entries.SOURCE_USER})
+    flow = await start_flow(hass)
     result = await hass.config_entries.flow.async_configure(
         flow["flow_id"], {"gguf_model": gguf_path, "memory_budget_mb": 12000}
     )

@@ -368,7 +368,7 @@ async def test_event_extraction_with_empty_or_odd_labels(gguf_path: str) -> None
         assert json.loads(text) == {"events": []}
         events, _warnings, _ = await engine._extract_events("a person at 1 s", [], 5.0)
         assert events == []
-        events, warnings, _ = await engine._extract_events("x", ['a"b', "x\x00y", "😀"], 5.0)
+        events, _warnings, _ = await engine._extract_events("x", ['a"b', "x\x00y", "😀"], 5.0)
         assert isinstance(events, list)
     finally:
         await engine.close()

@@ -10,7 +10,7 @@ from typing import Any
 from homeassistant.config_entries import ConfigEntry, ConfigSubentry
 from homeassistant.const import EVENT_HOMEASSISTANT_STOP, Platform
 from homeassistant.core import Event, HomeAssistant, callback
-from homeassistant.exceptions import ConfigEntryError
+from homeassistant.exceptions import ConfigEntryError, ConfigEntryNotReady
 from homeassistant.helpers import (
     config_validation as cv,
     device_registry as dr,
@@ -33,7 +33,10 @@ from .const import (
     CONF_MMPROJ_MODEL,
     CONF_OMNI_INT8,
     CONF_OMNI_MODEL,
+    CONF_PLACEMENT,
     CONF_ROUTING_MODE,
+    CONF_SERVER_API_KEY,
+    CONF_SERVER_URL,
     CONF_SOLAR_API_KEY,
     CONF_SOLAR_TIMEOUT,
     CONF_SOLAR_URL,
@@ -46,12 +49,16 @@ from .const import (
     DEFAULT_SOLAR_TIMEOUT,
     DOMAIN,
     LOGGER,
+    PLACEMENT_IN_PROCESS,
+    PLACEMENT_SERVER,
     SUBENTRY_AI_TASK,
     SUBENTRY_CAMERA,
     SUBENTRY_CONVERSATION,
 )
 from .engine import EngineConfig, SaraiEngine
 from .engine.errors import DependencyMissing, ModelCorrupt, ModelMissing
+from .engine.remote import InferenceUnavailable
+from .requirements import install_llama_cpp, llama_cpp_importable
 from .services import async_setup_services
 
 PLATFORMS = [Platform.AI_TASK, Platform.CONVERSATION, Platform.SENSOR, Platform.STT, Platform.TTS]
@@ -75,7 +82,10 @@ def engine_config(entry: ConfigEntry) -> EngineConfig:
     solar_url = data.get(CONF_SOLAR_URL) or None
     threads = int(options.get(CONF_THREADS, 0) or 0)
     return EngineConfig(
-        gguf_model=data[CONF_GGUF_MODEL],
+        placement=data.get(CONF_PLACEMENT, PLACEMENT_IN_PROCESS),
+        server_url=data.get(CONF_SERVER_URL) or None,
+        server_api_key=data.get(CONF_SERVER_API_KEY) or None,
+        gguf_model=data.get(CONF_GGUF_MODEL) or None,
         mmproj_model=data.get(CONF_MMPROJ_MODEL) or None,
         omni_model=data.get(CONF_OMNI_MODEL) or None,
         memory_budget_mb=int(data.get(CONF_MEMORY_BUDGET_MB, DEFAULT_MEMORY_BUDGET_MB)),
@@ -104,8 +114,15 @@ async def async_setup_entry(hass: HomeAssistant, entry: SaraiConfigEntry) -> boo
 
     config = engine_config(entry)
     session = async_get_clientsession(hass)
+    if config.placement != PLACEMENT_SERVER and not await hass.async_add_executor_job(llama_cpp_importable):
+        await install_llama_cpp(hass)  # Home Assistant's requirements machinery; a failure is reported below
     try:
         engine = await hass.async_add_executor_job(SaraiEngine, config, session, _auth_failed)
+        await engine.async_start()
+    except InferenceUnavailable as err:
+        raise ConfigEntryNotReady(
+            translation_domain=DOMAIN, translation_key=err.translation_key, translation_placeholders=err.placeholders
+        ) from err
     except DependencyMissing as err:
         LOGGER.error("SARAi cannot run in Home Assistant's process: %s", err)
         raise ConfigEntryError(
@@ -126,7 +143,7 @@ async def async_setup_entry(hass: HomeAssistant, entry: SaraiConfigEntry) -> boo
             translation_domain=DOMAIN, translation_key=err.translation_key, translation_placeholders=err.placeholders
         ) from err
     ir.async_delete_issue(hass, DOMAIN, "model_unusable")
-    needed_mb = engine.text.estimate_bytes() // (1024 * 1024)
+    needed_mb = engine.text.estimate_bytes() // (1024 * 1024) if config.placement != PLACEMENT_SERVER else 0
     if needed_mb > config.memory_budget_mb:
         LOGGER.warning(
             "The memory budget (%s MB) cannot hold the text model (~%s MB): answers need the SOLAR server",
@@ -145,6 +162,7 @@ async def async_setup_entry(hass: HomeAssistant, entry: SaraiConfigEntry) -> boo
     else:
         ir.async_delete_issue(hass, DOMAIN, "budget_too_small")
     entry.runtime_data = SaraiData(engine)
+    _async_placement_issues(hass, entry, engine)
     LOGGER.debug(
         "Engine ready: capabilities %s, budget %d MB, text model ~%d MB, context %d, threads %s, %d sub-entries",
         engine.capabilities,
@@ -179,6 +197,50 @@ async def async_setup_entry(hass: HomeAssistant, entry: SaraiConfigEntry) -> boo
     if entry.options.get(CONF_WARMUP):
         entry.async_create_background_task(hass, engine.warmup(), "sarai warm-up")
     return True
+
+
+@callback
+def _async_placement_issues(hass: HomeAssistant, entry: SaraiConfigEntry, engine: SaraiEngine) -> None:
+    """Say what a server does not serve (log + repair), and watch the worker for a crash loop."""
+    missing = [c for c in ("hear", "see", "speak", "video") if not engine.can(c)]
+    if engine.placement == PLACEMENT_SERVER and missing:
+        kind = engine.remote.server_kind if engine.remote is not None else None
+        LOGGER.info(
+            "The %s server does not serve %s: those entities are not created", kind or "inference", ", ".join(missing)
+        )
+        ir.async_create_issue(
+            hass,
+            DOMAIN,
+            "server_capabilities",
+            is_fixable=False,
+            severity=ir.IssueSeverity.WARNING,
+            translation_key="server_capabilities",
+            translation_placeholders={"server": kind or "OpenAI-compatible", "missing": ", ".join(missing)},
+        )
+    else:
+        ir.async_delete_issue(hass, DOMAIN, "server_capabilities")
+    ir.async_delete_issue(hass, DOMAIN, "worker_crash_loop")
+
+    @callback
+    def _crash_loop(crashes: int) -> None:
+        ir.async_create_issue(
+            hass,
+            DOMAIN,
+            "worker_crash_loop",
+            is_fixable=False,
+            severity=ir.IssueSeverity.ERROR,
+            translation_key="worker_crash_loop",
+            translation_placeholders={"crashes": str(crashes)},
+        )
+
+    engine.on_crash_loop = _crash_loop
+    if engine.remote is not None:
+        remote = engine.remote
+
+        async def _refresh(_now: object) -> None:
+            await remote.refresh_status()
+
+        entry.async_on_unload(async_track_time_interval(hass, _refresh, timedelta(seconds=30)))
 
 
 async def _async_setup_image_processing(hass: HomeAssistant, entry: SaraiConfigEntry) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,6 +35,7 @@ from homeassistant.helpers.selector import (
     TextSelectorConfig,
     TextSelectorType,
 )
+from homeassistant.helpers.service_info.hassio import HassioServiceInfo
 import probatio as vol
 
 from .const import (
@@ -48,9 +50,12 @@ from .const import (
     CONF_MMPROJ_MODEL,
     CONF_OMNI_INT8,
     CONF_OMNI_MODEL,
+    CONF_PLACEMENT,
     CONF_PROMPT,
     CONF_ROUTING_MODE,
     CONF_SCAN_INTERVAL_MINUTES,
+    CONF_SERVER_API_KEY,
+    CONF_SERVER_URL,
     CONF_SOLAR_API_KEY,
     CONF_SOLAR_TIMEOUT,
     CONF_SOLAR_URL,
@@ -74,15 +79,29 @@ from .const import (
     DEFAULT_WARMUP,
     DOMAIN,
     MIN_SCAN_INTERVAL_MINUTES,
+    PLACEMENT_IN_PROCESS,
+    PLACEMENT_SERVER,
+    PLACEMENT_WORKER,
+    PLACEMENTS,
     ROUTING_MODES,
     SUBENTRY_AI_TASK,
     SUBENTRY_CAMERA,
     SUBENTRY_CONVERSATION,
     VOICES,
 )
-from .engine.errors import InvalidInput, ModelCorrupt, ModelMissing, RemoteAuthError, RemoteError, RemoteProtocolError
+from .engine.errors import (
+    EngineError,
+    InvalidInput,
+    ModelCorrupt,
+    ModelMissing,
+    RemoteAuthError,
+    RemoteError,
+    RemoteProtocolError,
+)
 from .engine.models import MB, inspect_gguf, inspect_mmproj, inspect_omni, variant_advice
+from .engine.openai_client import OpenAIClient
 from .engine.solar import SolarClient, redact_url, validate_api_key, validate_url
+from .requirements import install_llama_cpp, llama_cpp_importable
 
 # The example SOLAR URL is a description placeholder: translation strings may not hold URLs.
 URL_EXAMPLE = {"url_example": "http://192.168.1.20:8080/v1"}
@@ -109,6 +128,53 @@ def _user_schema(defaults: Mapping[str, Any]) -> vol.Schema:
             ),
         }
     )
+
+
+def _server_schema(defaults: Mapping[str, Any]) -> vol.Schema:
+    def opt(key: str) -> dict[str, Any]:
+        value = defaults.get(key)
+        return {"description": {"suggested_value": value}} if value not in (None, "") else {}
+
+    return vol.Schema(
+        {
+            vol.Required(CONF_SERVER_URL, **opt(CONF_SERVER_URL)): TextSelector(
+                TextSelectorConfig(type=TextSelectorType.URL)
+            ),
+            vol.Optional(CONF_SERVER_API_KEY, **opt(CONF_SERVER_API_KEY)): TextSelector(
+                TextSelectorConfig(type=TextSelectorType.PASSWORD)
+            ),
+            vol.Optional(CONF_SOLAR_URL, **opt(CONF_SOLAR_URL)): TextSelector(
+                TextSelectorConfig(type=TextSelectorType.URL)
+            ),
+            vol.Optional(CONF_SOLAR_API_KEY, **opt(CONF_SOLAR_API_KEY)): TextSelector(
+                TextSelectorConfig(type=TextSelectorType.PASSWORD)
+            ),
+        }
+    )
+
+
+async def _validate_server(hass: HomeAssistant, url: str, key: str | None) -> tuple[str, str] | None:
+    """(field, error) when the inference server cannot serve SARAi, else None (it must at least chat)."""
+    try:
+        url = validate_url(url)
+    except InvalidInput:
+        return CONF_SERVER_URL, "invalid_url"
+    try:
+        key = validate_api_key(key)
+    except InvalidInput:
+        return CONF_SERVER_API_KEY, "invalid_api_key"
+    client = OpenAIClient(async_get_clientsession(hass), url, key, total_timeout=15, read_timeout=15)
+    try:
+        capabilities = await client.probe()
+    except RemoteAuthError:
+        return CONF_SERVER_API_KEY, "invalid_auth"
+    except RemoteProtocolError:
+        return CONF_SERVER_URL, "not_openai"
+    except RemoteError, EngineError:
+        return CONF_SERVER_URL, "cannot_connect"
+    if "chat" not in capabilities:
+        return CONF_SERVER_URL, "not_openai"
+    return None
 
 
 async def _validate_solar(hass: HomeAssistant, url: str, key: str | None) -> tuple[str, str] | None:
@@ -199,50 +265,162 @@ class SaraiConfigFlow(ConfigFlow, domain=DOMAIN):
     VERSION = 2
     MINOR_VERSION = 1
 
+    def __init__(self) -> None:
+        """Nothing chosen yet."""
+        self._pending: dict[str, Any] = {}
+        self._install_task: asyncio.Task[bool] | None = None
+        self._discovered: dict[str, Any] = {}
+
+    def _create(self, data: dict[str, Any]) -> ConfigFlowResult:
+        """The engine entry with its two assistants."""
+        return self.async_create_entry(
+            title="SARAi",
+            data=data,
+            subentries=[
+                {
+                    "subentry_type": SUBENTRY_CONVERSATION,
+                    "data": default_agent_options(SUBENTRY_CONVERSATION),
+                    "title": DEFAULT_CONVERSATION_NAME,
+                    "unique_id": None,
+                },
+                {
+                    "subentry_type": SUBENTRY_AI_TASK,
+                    "data": default_agent_options(SUBENTRY_AI_TASK),
+                    "title": DEFAULT_AI_TASK_NAME,
+                    "unique_id": None,
+                },
+            ],
+        )
+
     async def async_step_user(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
-        """Ask for model paths, the memory budget and the optional SOLAR server."""
+        """Where the model runs: in Home Assistant, in a worker process, or on a server."""
+        await self.async_set_unique_id(DOMAIN)
+        self._abort_if_unique_id_configured()
+        return self.async_show_menu(step_id="user", menu_options=list(PLACEMENTS))
+
+    async def async_step_in_process(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
+        """Model files, loaded in Home Assistant's own process."""
+        return await self._async_step_files(PLACEMENT_IN_PROCESS, user_input)
+
+    async def async_step_worker(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
+        """Model files, loaded in a supervised worker process (a crash there does not stop Home Assistant)."""
+        return await self._async_step_files(PLACEMENT_WORKER, user_input)
+
+    async def _async_step_files(self, placement: str, user_input: dict[str, Any] | None) -> ConfigFlowResult:
         errors: dict[str, str] = {}
         if user_input is not None:
             errors, _ = await validate_input(self.hass, user_input)
             if not errors:
-                await self.async_set_unique_id(DOMAIN)
-                self._abort_if_unique_id_configured()
-                return self.async_create_entry(
-                    title="SARAi",
-                    data=_clean(user_input),
-                    subentries=[
-                        {
-                            "subentry_type": SUBENTRY_CONVERSATION,
-                            "data": default_agent_options(SUBENTRY_CONVERSATION),
-                            "title": DEFAULT_CONVERSATION_NAME,
-                            "unique_id": None,
-                        },
-                        {
-                            "subentry_type": SUBENTRY_AI_TASK,
-                            "data": default_agent_options(SUBENTRY_AI_TASK),
-                            "title": DEFAULT_AI_TASK_NAME,
-                            "unique_id": None,
-                        },
-                    ],
-                )
+                self._pending = {**_clean(user_input), CONF_PLACEMENT: placement}
+                if not await self.hass.async_add_executor_job(llama_cpp_importable):
+                    return await self.async_step_install()
+                return self._create(self._pending)
         return self.async_show_form(
-            step_id="user",
+            step_id=placement,
             data_schema=_user_schema(user_input or {}),
             errors=errors,
             description_placeholders=URL_EXAMPLE,
         )
 
-    async def async_step_reconfigure(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
-        """Change model paths, budget or SOLAR server."""
-        entry = self._get_reconfigure_entry()
+    async def async_step_install(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
+        """llama-cpp-python is installed on demand (it compiles for minutes where no wheel exists)."""
+        if self._install_task is None:
+            self._install_task = self.hass.async_create_task(install_llama_cpp(self.hass), eager_start=False)
+        if not self._install_task.done():
+            return self.async_show_progress(
+                step_id="install", progress_action="install_llama_cpp", progress_task=self._install_task
+            )
+        installed = not self._install_task.cancelled() and self._install_task.exception() is None
+        installed = installed and self._install_task.result()
+        return self.async_show_progress_done(next_step_id="finish" if installed else "install_failed")
+
+    async def async_step_finish(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
+        """Installed: create the entry."""
+        return self._create(self._pending)
+
+    async def async_step_install_failed(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
+        """The install cannot work here (no compiler, musl): point to the server placement and the add-on."""
+        return self.async_abort(reason="install_failed")
+
+    async def async_step_server(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
+        """An OpenAI-compatible inference server: SARAi's engine server (add-on), llama-server or vLLM."""
         errors: dict[str, str] = {}
         if user_input is not None:
-            errors, _ = await validate_input(self.hass, user_input)
+            data = _clean(user_input)
+            problem = await _validate_server(self.hass, data[CONF_SERVER_URL], data.get(CONF_SERVER_API_KEY))
+            if problem is None and (url := data.get(CONF_SOLAR_URL)):
+                problem = await _validate_solar(self.hass, url, data.get(CONF_SOLAR_API_KEY))
+            if problem is not None:
+                errors[problem[0]] = problem[1]
+            else:
+                return self._create({**data, CONF_PLACEMENT: PLACEMENT_SERVER})
+        return self.async_show_form(
+            step_id="server",
+            data_schema=_server_schema(user_input or {}),
+            errors=errors,
+            description_placeholders=URL_EXAMPLE,
+        )
+
+    async def async_step_hassio(self, discovery_info: HassioServiceInfo) -> ConfigFlowResult:
+        """The SARAi engine add-on announced itself through the Supervisor."""
+        await self.async_set_unique_id(DOMAIN)
+        self._abort_if_unique_id_configured()
+        config = discovery_info.config
+        try:
+            url = validate_url(f"http://{config['host']}:{int(config['port'])}/v1")
+        except KeyError, TypeError, ValueError, InvalidInput:
+            return self.async_abort(reason="invalid_discovery_info")
+        self._discovered = {
+            CONF_SERVER_URL: url,
+            CONF_SERVER_API_KEY: str(config.get("api_key") or ""),
+            "addon": discovery_info.name,
+        }
+        self.context["title_placeholders"] = {"name": discovery_info.name}
+        return await self.async_step_hassio_confirm()
+
+    async def async_step_hassio_confirm(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
+        """Confirm the add-on as SARAi's inference server."""
+        errors: dict[str, str] = {}
+        url, key = self._discovered[CONF_SERVER_URL], self._discovered[CONF_SERVER_API_KEY] or None
+        if user_input is not None:
+            if problem := await _validate_server(self.hass, url, key):
+                errors["base"] = problem[1]
+            else:
+                return self._create(
+                    {
+                        CONF_PLACEMENT: PLACEMENT_SERVER,
+                        CONF_SERVER_URL: url,
+                        CONF_SERVER_API_KEY: key or "",
+                        CONF_MEMORY_BUDGET_MB: DEFAULT_MEMORY_BUDGET_MB,
+                    }
+                )
+        return self.async_show_form(
+            step_id="hassio_confirm",
+            errors=errors,
+            description_placeholders={"addon": self._discovered["addon"]},
+        )
+
+    async def async_step_reconfigure(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
+        """Change model paths, budget, the inference server or the SOLAR server (the placement stays)."""
+        entry = self._get_reconfigure_entry()
+        placement = entry.data.get(CONF_PLACEMENT, PLACEMENT_IN_PROCESS)
+        errors: dict[str, str] = {}
+        if user_input is not None:
+            if placement == PLACEMENT_SERVER:
+                data = _clean(user_input)
+                problem = await _validate_server(self.hass, data[CONF_SERVER_URL], data.get(CONF_SERVER_API_KEY))
+                if problem is None and (url := data.get(CONF_SOLAR_URL)):
+                    problem = await _validate_solar(self.hass, url, data.get(CONF_SOLAR_API_KEY))
+                if problem is not None:
+                    errors[problem[0]] = problem[1]
+            else:
+                errors, _ = await validate_input(self.hass, user_input)
             if not errors:
-                return self.async_update_and_abort(entry, data=_clean(user_input))
+                return self.async_update_and_abort(entry, data={**_clean(user_input), CONF_PLACEMENT: placement})
+        schema = _server_schema if placement == PLACEMENT_SERVER else _user_schema
         return self.async_show_form(
             step_id="reconfigure",
-            data_schema=_user_schema(user_input or entry.data),
+            data_schema=schema(user_input or entry.data),
             errors=errors,
             description_placeholders=URL_EXAMPLE,
         )

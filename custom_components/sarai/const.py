@@ -13,6 +13,18 @@ CONF_OMNI_MODEL = "omni_model"
 CONF_MEMORY_BUDGET_MB = "memory_budget_mb"
 CONF_SOLAR_URL = "solar_url"
 CONF_SOLAR_API_KEY = "solar_api_key"
+CONF_PLACEMENT = "placement"
+CONF_SERVER_URL = "server_url"
+CONF_SERVER_API_KEY = "server_api_key"
+
+# Where the local model runs.
+PLACEMENT_IN_PROCESS = "in_process"  # in Home Assistant's process
+PLACEMENT_WORKER = "worker"  # SARAi's engine server as a supervised child process on 127.0.0.1
+PLACEMENT_SERVER = "server"  # an OpenAI-compatible server: SARAi's add-on, llama-server, vLLM
+PLACEMENTS = (PLACEMENT_IN_PROCESS, PLACEMENT_WORKER, PLACEMENT_SERVER)
+# Installed on demand for the in_process and worker placements (not in manifest.json: it is a source
+# package that cannot build on Home Assistant OS / Container, where the server placement is the way).
+LLAMA_CPP_REQUIREMENT = "llama-cpp-python==0.3.36"
 
 CONF_PROMPT = "prompt"
 CONF_TEMPERATURE = "temperature"

@@ -35,11 +35,13 @@ from .manager import Backend, ModelManager, process_rss_bytes
 from .media import Clip, prepare_clip
 from .models import MB
 from .omni_backend import OmniBackend, load_image, transcribe_prompt
+from .remote import SERVER, WORKER, InferenceUnavailable, RemoteInference
 from .router import CircuitBreaker, Decision, RoutingRules, decide
 from .solar import SolarClient
-from .text import TextSanitizer, clean_delta, then_end
+from .text import TextSanitizer, clean_delta, sanitize_text, then_end
 from .tools import ToolCallStreamParser
-from .types import ChatDelta, ChatMessage, ChatRequest, EngineStatus
+from .types import BackendStatus, ChatDelta, ChatMessage, ChatRequest, EngineStatus
+from .worker import WorkerProcess
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ def physical_cores() -> int:
 class EngineConfig:
     """Everything the engine needs, as plain values."""
 
-    gguf_model: str
+    gguf_model: str | None
     mmproj_model: str | None = None
     omni_model: str | None = None
     memory_budget_mb: int = 12000
@@ -99,6 +101,25 @@ class EngineConfig:
     request_timeout_s: float = 120.0
     solar_timeout_s: float = 30.0
     rules: RoutingRules = field(default_factory=RoutingRules)
+    placement: str = "in_process"  # "in_process", "worker" (a supervised child process) or "server"
+    server_url: str | None = None  # placement "server": an OpenAI-compatible inference server
+    server_api_key: str | None = None
+    worker_startup_timeout_s: float = 180.0
+
+    def worker_args(self) -> list[str]:
+        """The engine server's arguments for this configuration (placement "worker")."""
+        assert self.gguf_model is not None
+        args = ["--gguf", self.gguf_model, "--budget-mb", str(self.memory_budget_mb), "--ctx", str(self.n_ctx)]
+        args += ["--request-timeout", str(self.request_timeout_s)]
+        if self.mmproj_model:
+            args += ["--mmproj", self.mmproj_model]
+        if self.omni_model:
+            args += ["--omni", self.omni_model, "--omni-dtype", self.omni_dtype]
+            if self.omni_int8:
+                args.append("--omni-int8")
+        if self.n_threads:
+            args += ["--threads", str(self.n_threads)]
+        return args
 
 
 @dataclass(slots=True)
@@ -149,15 +170,43 @@ class SaraiEngine:
         on_remote_auth_error: Callable[[], None] | None = None,
     ) -> None:
         """Validate the configured files (raises ModelMissing / ModelCorrupt) and that the packages the backends
-        need are importable (raises DependencyMissing), then build the backends."""
+        need are importable (raises DependencyMissing), then build the backends.
+
+        Placement "worker": the same checks, but the models load in a supervised child process (worker.py);
+        placement "server": no local model at all, an OpenAI-compatible server answers (``async_start`` probes
+        what it serves).
+        """
         self.config = config
-        require_packages(["llama_cpp"] + (["torch", "transformers"] if config.omni_model else []))
-        threads = config.n_threads or physical_cores()
-        self.text = LlamaBackend(TEXT, config.gguf_model, config.n_ctx, threads, config.mmproj_model)
-        backends: list[Backend] = [self.text]
-        if config.omni_model:
-            backends.append(OmniBackend(OMNI, config.omni_model, config.omni_dtype, config.omni_int8))
+        self.remote: RemoteInference | None = None
+        backends: list[Backend] = []
+        if config.placement == SERVER:
+            if session is None or not config.server_url:
+                raise EngineError("the server placement needs a server URL and an HTTP session")
+            self.remote = RemoteInference(
+                session, url=config.server_url, api_key=config.server_api_key, timeout_s=config.request_timeout_s
+            )
+        else:
+            if not config.gguf_model:
+                raise ModelMissing("no text GGUF is configured", path="")
+            require_packages(["llama_cpp"] + (["torch", "transformers"] if config.omni_model else []))
+            threads = config.n_threads or physical_cores()
+            self.text = LlamaBackend(TEXT, config.gguf_model, config.n_ctx, threads, config.mmproj_model)
+            backends.append(self.text)
+            if config.omni_model:
+                backends.append(OmniBackend(OMNI, config.omni_model, config.omni_dtype, config.omni_int8))
         self.manager = ModelManager(backends, config.memory_budget_mb)
+        if config.placement == WORKER:
+            if session is None:
+                raise EngineError("the worker placement needs an HTTP session")
+            worker = WorkerProcess(
+                config.worker_args(),
+                startup_timeout_s=config.worker_startup_timeout_s,
+                on_crash_loop=self._crash_loop,
+            )
+            self.remote = RemoteInference(
+                session, worker=worker, capabilities=self._local_capabilities(), timeout_s=config.request_timeout_s
+            )
+        self.on_crash_loop: Callable[[int], None] | None = None
         self.solar: SolarClient | None = None
         if config.solar_url and session is not None:
             self.solar = SolarClient(
@@ -170,9 +219,32 @@ class SaraiEngine:
 
     # -- capabilities -------------------------------------------------------------------
 
+    def _crash_loop(self, crashes: int) -> None:
+        if self.on_crash_loop is not None:
+            self.on_crash_loop(crashes)
+
+    async def async_start(self) -> None:
+        """Placement "server": ask the server what it serves (raises InferenceUnavailable when down)."""
+        if self.remote is not None:
+            await self.remote.probe()
+
+    @property
+    def placement(self) -> str:
+        """Where the local model runs: in_process, worker or server."""
+        return self.config.placement
+
     @property
     def capabilities(self) -> list[str]:
-        """What the configured models can do."""
+        """What the configured models (or the inference server) can do."""
+        if self.remote is not None and self.remote.placement == SERVER:
+            caps = list(self.remote.capabilities)
+        else:
+            caps = self._local_capabilities()
+        if self.solar is not None:
+            caps.append("remote")
+        return caps
+
+    def _local_capabilities(self) -> list[str]:
         caps = ["chat"]
         omni = self.manager.has(OMNI)
         if omni or self.text.can_hear:
@@ -183,8 +255,6 @@ class SaraiEngine:
             caps += ["speak", "video"]
         elif self.text.can_see:
             caps.append("video_frames")
-        if self.solar is not None:
-            caps.append("remote")
         return caps
 
     def can(self, capability: str) -> bool:
@@ -203,12 +273,17 @@ class SaraiEngine:
     # -- lifecycle ----------------------------------------------------------------------
 
     async def warmup(self) -> None:
-        """Preload the text model (cold-start mitigation)."""
+        """Preload the text model (cold-start mitigation); a worker starts and loads it."""
+        if self.remote is not None:
+            await self.remote.warmup()
+            return
         await self.manager.warmup([TEXT])
 
     async def close(self) -> None:
-        """Unload every backend and stop worker threads."""
+        """Unload every backend and stop worker threads (and the worker process)."""
         await self.manager.close()
+        if self.remote is not None:
+            await self.remote.close()
 
     async def unload_idle(self, max_idle_s: float) -> list[str]:
         """Unload backends idle for ``max_idle_s``."""
@@ -222,6 +297,19 @@ class SaraiEngine:
         A JSON schema is checked before the request is queued; the text is sanitized (text.py).
         """
         request = with_safe_schema(request)
+        sanitizer = TextSanitizer(break_runs=request.json_schema is None)
+        tools = bool(request.tools)
+        if self.remote is not None:  # the worker or server parses tool calls; sanitized here all the same
+            remote = self.remote.chat(request)
+            assert isinstance(remote, AsyncGenerator)
+            try:
+                async for item in then_end(remote):
+                    delta = clean_delta(item or ChatDelta(), sanitizer, tools=tools, final=item is None)
+                    if delta is not None:
+                        yield delta
+            finally:
+                await remote.aclose()
+            return
         llama = self.manager.backend(TEXT)
         assert isinstance(llama, LlamaBackend)
 
@@ -229,8 +317,6 @@ class SaraiEngine:
             llama.chat(request, emit, stop)
 
         parser = ToolCallStreamParser()
-        sanitizer = TextSanitizer(break_runs=request.json_schema is None)
-        tools = bool(request.tools)
         stream = self.manager.stream(TEXT, work, self.config.request_timeout_s)
         assert isinstance(stream, AsyncGenerator)
         try:
@@ -338,7 +424,7 @@ class SaraiEngine:
             async for delta in self.chat_local(request):
                 started = True
                 yield delta
-        except (InsufficientMemory, ContextOverflow, ModelMissing, ModelCorrupt) as err:
+        except (InsufficientMemory, ContextOverflow, ModelMissing, ModelCorrupt, InferenceUnavailable) as err:
             mode = request.routing_mode or self.config.routing_mode
             if started or self.solar is None or not self.breaker.allow() or mode == "local":
                 raise
@@ -352,6 +438,9 @@ class SaraiEngine:
         """Speech (any rate, mono float) -> text; > 30 s is chunked."""
         self._require("hear")
         audio16 = audio_mod.to_hearing_input(samples, rate)
+        if self.remote is not None:
+            pieces = [await self.remote.transcribe(chunk, language) for chunk in audio_mod.chunks_30s(audio16)]
+            return sanitize_text(" ".join(p for p in pieces if p)).strip()
         text, omni = self.text, self.manager.backend(OMNI) if self.manager.has(OMNI) else None
         name = TEXT if text.can_hear else OMNI  # the GGUF + mmproj hears without loading transformers
         parts: list[str] = []
@@ -374,6 +463,8 @@ class SaraiEngine:
         """Image bytes + question -> text."""
         self._require("see")
         img = load_image(image)
+        if self.remote is not None:
+            return sanitize_text(await self.remote.describe_image(img, prompt, max_tokens)).strip()
         if self.text.can_see:
             return await self.manager.call(
                 TEXT,
@@ -391,6 +482,8 @@ class SaraiEngine:
     ) -> str:
         """Frames + audio (TMRoPE) -> text."""
         self._require("video")
+        if self.remote is not None:
+            return sanitize_text(await self.remote.describe_video(frames, fps, audio16, prompt, max_tokens)).strip()
         omni = self.manager.backend(OMNI)
         assert isinstance(omni, OmniBackend)
         return await self.manager.call(
@@ -402,6 +495,8 @@ class SaraiEngine:
     async def speak(self, text: str, voice: str) -> bytes:
         """Text -> 24 kHz mono 16-bit PCM."""
         self._require("speak")
+        if self.remote is not None:
+            return await self.remote.speak(text, voice)
         omni = self.manager.backend(OMNI)
         assert isinstance(omni, OmniBackend)
         started = time.monotonic()
@@ -481,6 +576,8 @@ class SaraiEngine:
         images = [("image", Image.fromarray(clip.frames[i])) for i in indices]
         times = ", ".join(f"{clip.frame_times[i]:.1f} s" for i in indices)
         prompt = f"{question} The images are frames taken at {times}."
+        if self.remote is not None:
+            return sanitize_text(await self.remote.describe_frames([img for _k, img in images], prompt, 256)).strip()
         return await self.manager.call(
             TEXT, lambda stop: self.text.media_chat(images, prompt, 256, stop), self.config.request_timeout_s
         )
@@ -514,7 +611,9 @@ class SaraiEngine:
     # -- status ---------------------------------------------------------------------------
 
     def status(self) -> EngineStatus:
-        """A serialisable snapshot."""
+        """A serialisable snapshot (with a worker or server: its last reported state, and the worker's RSS)."""
+        if self.remote is not None:
+            return self._remote_status(self.remote)
         backends = self.manager.status()
         if any(b.busy for b in backends):
             state = "busy"
@@ -527,6 +626,21 @@ class SaraiEngine:
             budget_mb=self.config.memory_budget_mb,
             used_estimated_mb=self.manager.used_bytes() // MB,
             rss_mb=process_rss_bytes() // MB,
+            backends=backends,
+            capabilities=self.capabilities,
+        )
+
+    def _remote_status(self, remote: RemoteInference) -> EngineStatus:
+        reported = remote.last_status
+        backends = [BackendStatus(**b) for b in reported.get("backends", []) if isinstance(b, dict)]
+        state = str(reported.get("state", "idle"))
+        if remote.worker is not None and not remote.worker.alive:
+            state = "idle"
+        return EngineStatus(
+            state=state if state in ("idle", "ready", "busy") else "idle",
+            budget_mb=self.config.memory_budget_mb,
+            used_estimated_mb=int(reported.get("used_estimated_mb", 0)),
+            rss_mb=(process_rss_bytes() + remote.rss_bytes()) // MB,
             backends=backends,
             capabilities=self.capabilities,
         )

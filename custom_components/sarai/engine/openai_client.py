@@ -668,8 +668,6 @@ class OpenAIClient:
             raise RemoteProtocolError(f"invalid JSON in the stream: {data[:80]}") from err
         if not isinstance(obj, dict):
             raise RemoteProtocolError("invalid chunk in the stream")
-        if "error" in obj:
-            raise RemoteError(f"server error: {str(obj['error'])[:200]}")
         try:
             delta = obj["choices"][0].get("delta") or {}
         except (KeyError, IndexError, TypeError, AttributeError) as err:

@@ -127,7 +127,7 @@ def clean_delta(
     return ChatDelta(content=content, tool_calls=calls) if content or calls else None
 
 
-async def then_end(stream: AsyncIterator[str]) -> AsyncIterator[str | None]:
+async def then_end[T](stream: AsyncIterator[T]) -> AsyncIterator[T | None]:
     """The stream's items, then ``None`` once it is exhausted (one place to flush parsers and sanitizers)."""
     async for item in stream:
         yield item

@@ -1,0 +1,281 @@
+"""Where the model runs: in Home Assistant, in a supervised worker process, or on an inference server.
+
+The worker is SARAi's engine server as a real child process; the tests really kill it (SIGKILL, SIGSEGV,
+SIGSTOP) in the middle of turns and check that Home Assistant stays up, the turn gets a translated error,
+the worker restarts by itself and the next turn answers, and that nothing outlives an unload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+from homeassistant.components import conversation, stt, tts
+from homeassistant.config_entries import ConfigEntryState
+from homeassistant.core import Context, HomeAssistant
+from homeassistant.data_entry_flow import FlowResultType
+from homeassistant.helpers import issue_registry as ir
+from homeassistant.helpers.service_info.hassio import HassioServiceInfo
+import pytest
+
+from custom_components.sarai.const import DOMAIN
+from custom_components.sarai.engine import ChatMessage, ChatRequest, EngineConfig, SaraiEngine
+from custom_components.sarai.engine.worker import WorkerUnavailable
+from tests.common import chunked, setup_entry, speech_metadata, start_flow, tone_wav
+
+pytestmark = pytest.mark.usefixtures("ha_core", "socket_enabled")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is gone for our purposes
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in fh)
+    except OSError:
+        return False
+
+
+async def _ask(hass: HomeAssistant, text: str = "hola") -> conversation.ConversationResult:
+    return await conversation.async_converse(hass, text, None, Context(), agent_id="conversation.sarai")
+
+
+async def _worker_pid(entry: Any) -> int:
+    remote = entry.runtime_data.engine.remote
+    await remote.worker.ensure()
+    pid = remote.worker.pid
+    assert pid is not None
+    return int(pid)
+
+
+async def _kill_when_busy(entry: Any, sig: signal.Signals = signal.SIGKILL) -> int:
+    """Send ``sig`` to the worker once a request is in flight."""
+    remote = entry.runtime_data.engine.remote
+    pid = await _worker_pid(entry)
+    async with asyncio.timeout(60):
+        while not remote._lock.locked():
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
+    os.kill(pid, sig)
+    return pid
+
+
+async def test_worker_crash_fails_only_the_turn(hass: HomeAssistant, make_entry) -> None:
+    """SIGKILL and SIGSEGV mid-generation: Home Assistant survives, the turn gets a translated error, the worker
+    restarts by itself and the next turn answers; unload leaves no process behind."""
+    entry = make_entry({"placement": "worker"}, {"llm_hass_api": [], "max_tokens": 400, "temperature": 1.0})
+    await setup_entry(hass, entry)
+    assert entry.runtime_data.engine.placement == "worker"
+    first = await _ask(hass)
+    assert first.response.response_type.value != "error"
+    for sig in (signal.SIGKILL, signal.SIGSEGV):
+        killer = hass.async_create_task(_kill_when_busy(entry, sig))
+        result = await _ask(hass, "cuéntame una historia muy larga")
+        old_pid = await killer
+        assert result.response.response_type.value == "error", result.response.speech
+        assert not _alive(old_pid)
+        again = await _ask(hass)
+        assert again.response.response_type.value != "error"
+        assert entry.runtime_data.engine.remote.worker.pid != old_pid
+    worker = entry.runtime_data.engine.remote.worker
+    assert worker.restarts == 2
+    pid = worker.pid
+    assert await hass.config_entries.async_unload(entry.entry_id)
+    assert pid is not None and not _alive(pid)
+
+
+async def test_worker_kill_mid_load_and_mid_speech(hass: HomeAssistant, make_entry, omni_path: str) -> None:
+    """Killed while loading (first request) and while speaking: translated errors, then it works again."""
+    entry = make_entry({"placement": "worker", "omni_model": omni_path}, {"llm_hass_api": []})
+    await setup_entry(hass, entry)
+    entity = hass.data[tts.DATA_COMPONENT].get_entity("tts.sarai_text_to_speech")
+    assert entity is not None and hass.states.get("stt.sarai_speech_to_text") is not None
+    killer = hass.async_create_task(_kill_when_busy(entry))  # the first request loads the Omni checkpoint
+    with pytest.raises(Exception) as err:  # noqa: PT011 - a translated HomeAssistantError
+        await entity.async_get_tts_audio("Hola, ¿qué tal?", "es", {})
+    await killer
+    assert getattr(err.value, "translation_key", None) in ("worker_unavailable", "inference_unavailable")
+    ext, data = await entity.async_get_tts_audio("Hola.", "es", {})
+    assert ext == "wav" and data[:4] == b"RIFF"
+    stt_entity = hass.data[stt.DATA_COMPONENT].get_entity("stt.sarai_speech_to_text")
+    heard = await stt_entity.async_process_audio_stream(speech_metadata(), chunked(tone_wav()))
+    assert heard.result is stt.SpeechResultState.SUCCESS
+    assert await hass.config_entries.async_unload(entry.entry_id)
+
+
+async def test_worker_hang_hits_the_deadline_and_restarts(gguf_path: str, hass: HomeAssistant) -> None:
+    """A worker that stops answering (SIGSTOP) fails the turn at the deadline and is replaced."""
+    from homeassistant.helpers.aiohttp_client import async_get_clientsession
+
+    engine = SaraiEngine(
+        EngineConfig(gguf_model=gguf_path, n_ctx=2048, placement="worker", request_timeout_s=8.0),
+        async_get_clientsession(hass),
+    )
+    remote = engine.remote
+    assert remote is not None and remote.worker is not None
+    try:
+        request = ChatRequest([ChatMessage("user", "hola")], max_tokens=8, temperature=0.0)
+        assert [d async for d in engine.chat_local(request)] is not None
+        pid = remote.worker.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        with pytest.raises(WorkerUnavailable):
+            async for _d in engine.chat_local(request):
+                pass
+        assert not _alive(pid)
+        async for _d in engine.chat_local(request):
+            pass
+        assert remote.worker.pid not in (None, pid)
+    finally:
+        await engine.close()
+    assert remote.worker.pid is None
+
+
+async def test_worker_crash_loop_raises_a_repair(hass: HomeAssistant, make_entry) -> None:
+    """A worker that keeps dying is reported as a repair issue; Home Assistant keeps running."""
+    entry = make_entry({"placement": "worker"}, {"llm_hass_api": []})
+    await setup_entry(hass, entry)
+    worker = entry.runtime_data.engine.remote.worker
+    for _ in range(3):
+        pid = await _worker_pid(entry)
+        os.kill(pid, signal.SIGKILL)
+        await worker.wait_exit(5)
+    await worker.ensure()
+    assert ir.async_get(hass).async_get_issue(DOMAIN, "worker_crash_loop") is not None
+    assert (await _ask(hass)).response.response_type.value != "error"
+    assert await hass.config_entries.async_unload(entry.entry_id)
+
+
+async def test_engine_server_placement(hass: HomeAssistant, make_entry, omni_path: str, mmproj_path: str) -> None:
+    """SARAi's engine server (a real subprocess) as the inference server: every role, entities for each."""
+    from homeassistant.helpers.aiohttp_client import async_get_clientsession
+
+    from custom_components.sarai.engine.worker import WorkerProcess
+
+    gguf = make_entry().data["gguf_model"]
+    server = WorkerProcess(["--gguf", gguf, "--mmproj", mmproj_path, "--omni", omni_path, "--ctx", "4096"])
+    url = await server.ensure()
+    try:
+        entry = make_entry(
+            {"placement": "server", "server_url": url, "server_api_key": server.api_key, "gguf_model": ""},
+            {"llm_hass_api": []},
+        )
+        await setup_entry(hass, entry)
+        engine = entry.runtime_data.engine
+        assert engine.remote.server_kind == "sarai"
+        assert {"chat", "hear", "see", "speak", "video"} <= set(engine.capabilities)
+        for entity_id in ("stt.sarai_speech_to_text", "tts.sarai_text_to_speech", "conversation.sarai"):
+            assert hass.states.get(entity_id) is not None, entity_id
+        assert (await _ask(hass)).response.response_type.value != "error"
+        entity = hass.data[tts.DATA_COMPONENT].get_entity("tts.sarai_text_to_speech")
+        ext, data = await entity.async_get_tts_audio("Hola.", "es", {})
+        assert ext == "wav" and data[:4] == b"RIFF"
+        assert ir.async_get(hass).async_get_issue(DOMAIN, "server_capabilities") is None
+        await engine.remote.refresh_status()
+        assert engine.status().capabilities
+        assert await hass.config_entries.async_unload(entry.entry_id)
+    finally:
+        await server.close()
+
+
+async def test_server_down_at_setup_retries(hass: HomeAssistant, make_entry) -> None:
+    """An inference server that is down: setup is retried later (not an error), with a translated reason."""
+    entry = make_entry({"placement": "server", "server_url": "http://127.0.0.1:9/v1", "gguf_model": ""})
+    entry.add_to_hass(hass)
+    assert not await hass.config_entries.async_setup(entry.entry_id)
+    assert entry.state is ConfigEntryState.SETUP_RETRY
+    assert entry.error_reason_translation_key == "inference_unavailable"
+
+
+async def test_chat_only_server_has_no_speech_entities(hass: HomeAssistant, make_entry, solar) -> None:
+    """A plain OpenAI-compatible server (chat only): no STT/TTS entities; the log and a repair say why."""
+    entry = make_entry({"placement": "server", "server_url": solar.url, "gguf_model": ""}, {"llm_hass_api": []})
+    await setup_entry(hass, entry)
+    assert hass.states.get("tts.sarai_text_to_speech") is None
+    assert hass.states.get("stt.sarai_speech_to_text") is None
+    issue = ir.async_get(hass).async_get_issue(DOMAIN, "server_capabilities")
+    assert issue is not None and "speak" in issue.translation_placeholders["missing"]
+    result = await _ask(hass)
+    assert "respuesta remota" in result.response.speech["plain"]["speech"]
+    assert await hass.config_entries.async_unload(entry.entry_id)
+
+
+async def test_flow_worker_and_server_placements(hass: HomeAssistant, gguf_path: str, solar) -> None:
+    """The menu offers the three placements; worker and server entries are created from their forms."""
+    form = await start_flow(hass, "worker")
+    assert form["step_id"] == "worker"
+    result = await hass.config_entries.flow.async_configure(
+        form["flow_id"], {"gguf_model": gguf_path, "memory_budget_mb": 12000}
+    )
+    assert result["type"] is FlowResultType.CREATE_ENTRY and result["data"]["placement"] == "worker"
+    await hass.async_block_till_done()
+    entry = hass.config_entries.async_entries(DOMAIN)[0]
+    assert await hass.config_entries.async_remove(entry.entry_id)
+
+    form = await start_flow(hass, "server")
+    bad = await hass.config_entries.flow.async_configure(form["flow_id"], {"server_url": "ftp://x"})
+    assert bad["errors"] == {"server_url": "invalid_url"}
+    down = await hass.config_entries.flow.async_configure(form["flow_id"], {"server_url": "http://127.0.0.1:9/v1"})
+    assert down["errors"] == {"server_url": "cannot_connect"}
+    solar.api_key = "k"
+    auth = await hass.config_entries.flow.async_configure(form["flow_id"], {"server_url": solar.url})
+    assert auth["errors"] == {"server_api_key": "invalid_auth"}
+    done = await hass.config_entries.flow.async_configure(
+        form["flow_id"], {"server_url": solar.url, "server_api_key": "k"}
+    )
+    assert done["type"] is FlowResultType.CREATE_ENTRY
+    assert done["data"]["placement"] == "server" and done["data"]["server_api_key"] == "k"
+    await hass.async_block_till_done()
+    entry = hass.config_entries.async_entries(DOMAIN)[0]
+    assert entry.state is ConfigEntryState.LOADED
+    assert await hass.config_entries.async_unload(entry.entry_id)
+
+
+async def test_hassio_discovery(hass: HomeAssistant, solar) -> None:
+    """The add-on announces itself through the Supervisor; the flow offers it and creates a server entry."""
+    from yarl import URL
+
+    url = URL(solar.url)
+    solar.api_key = "addon-key"
+    info = HassioServiceInfo(
+        config={"host": url.host, "port": url.port, "api_key": "addon-key"},
+        name="SARAi engine",
+        slug="sarai_engine",
+        uuid="1234",
+    )
+    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": "hassio"}, data=info)
+    assert result["type"] is FlowResultType.FORM and result["step_id"] == "hassio_confirm"
+    done = await hass.config_entries.flow.async_configure(result["flow_id"], {})
+    assert done["type"] is FlowResultType.CREATE_ENTRY
+    assert done["data"]["placement"] == "server" and done["data"]["server_api_key"] == "addon-key"
+    await hass.async_block_till_done()
+    again = await hass.config_entries.flow.async_init(DOMAIN, context={"source": "hassio"}, data=info)
+    assert again["type"] is FlowResultType.ABORT
+    bad = HassioServiceInfo(config={"host": "x"}, name="n", slug="s", uuid="u")
+    entry = hass.config_entries.async_entries(DOMAIN)[0]
+    assert await hass.config_entries.async_remove(entry.entry_id)
+    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": "hassio"}, data=bad)
+    assert result["type"] is FlowResultType.ABORT and result["reason"] == "invalid_discovery_info"
+
+
+async def test_install_failure_points_to_the_server(
+    hass: HomeAssistant, gguf_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without llama-cpp-python and no way to install it (Home Assistant's requirements machinery cannot make
+    it importable), the flow shows progress, then aborts pointing to the server placement and the add-on."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    form = await start_flow(hass, "in_process")
+    result = await hass.config_entries.flow.async_configure(
+        form["flow_id"], {"gguf_model": gguf_path, "memory_budget_mb": 12000}
+    )
+    assert result["type"] is FlowResultType.SHOW_PROGRESS and result["progress_action"] == "install_llama_cpp"
+    await hass.async_block_till_done()
+    result = await hass.config_entries.flow.async_configure(result["flow_id"])
+    assert result["type"] is FlowResultType.ABORT and result["reason"] == "install_failed"
