@@ -21,7 +21,7 @@ from syrupy.assertion import SnapshotAssertion
 from custom_components.sarai.const import DOMAIN, TTS_MAX_CHARS
 from custom_components.sarai.engine.errors import InvalidInput
 from custom_components.sarai.engine.solar import redact_url, validate_api_key, validate_url
-from custom_components.sarai.tts import MAX_SENTENCE_CHARS, split_sentences
+from custom_components.sarai.engine.text import MAX_SENTENCE_CHARS, split_sentences
 from tests.common import setup_entry, start_flow
 
 pytestmark = pytest.mark.usefixtures("ha_core")

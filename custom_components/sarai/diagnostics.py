@@ -10,11 +10,11 @@ from homeassistant.core import HomeAssistant
 import yarl
 
 from . import SaraiConfigEntry
-from .const import CONF_SOLAR_API_KEY, CONF_SOLAR_URL
+from .const import CONF_SERVER_API_KEY, CONF_SERVER_URL, CONF_SOLAR_API_KEY, CONF_SOLAR_URL
 from .engine.router import rules_as_dict
 from .engine.solar import redact_url
 
-TO_REDACT = {CONF_SOLAR_API_KEY}
+TO_REDACT = {CONF_SOLAR_API_KEY, CONF_SERVER_API_KEY}
 REDACTED = "**REDACTED**"
 
 
@@ -58,8 +58,9 @@ async def async_get_config_entry_diagnostics(hass: HomeAssistant, entry: SaraiCo
         lambda: {p: _version(p) for p in ("llama-cpp-python", "transformers", "torch", "av", "numpy")}
     )
     data = async_redact_data(dict(entry.data), TO_REDACT)
-    if url := data.get(CONF_SOLAR_URL):
-        data[CONF_SOLAR_URL] = redact_url(url)
+    for key in (CONF_SOLAR_URL, CONF_SERVER_URL):
+        if url := data.get(key):
+            data[key] = redact_url(url)
     diagnostics: dict[str, Any] = _scrub(
         {
             "data": data,
@@ -67,6 +68,8 @@ async def async_get_config_entry_diagnostics(hass: HomeAssistant, entry: SaraiCo
             "subentries": [
                 {"type": s.subentry_type, "title": s.title, "data": dict(s.data)} for s in entry.subentries.values()
             ],
+            "placement": engine.placement,
+            "inference": engine.remote.as_dict() if engine.remote is not None else None,
             "engine": engine.status().as_dict(),
             "peak_rss_mb": engine.manager.peak_rss_bytes // (1024 * 1024),
             "router": {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-import re
 from typing import Any
 
 from homeassistant.components import tts
@@ -14,14 +13,13 @@ from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
 from . import SaraiConfigEntry
 from .const import CONF_VOICE, DEFAULT_VOICE, DOMAIN, LANGUAGES, LOGGER, TTS_MAX_CHARS, VOICES
-from .engine.audio import SPEAK_RATE, wav_bytes
+from .engine.audio import SPEAK_RATE, wav_bytes, wav_stream_header
 from .engine.errors import EngineError
+from .engine.text import split_sentences
 from .entity import SaraiEntity
 from .errors import to_ha_error
 
 PARALLEL_UPDATES = 0
-SENTENCE_END = re.compile(r"(?<=[.!?¡¿;:\n])\s+")
-MAX_SENTENCE_CHARS = 200  # the longest piece one talker call speaks
 SILENCE = bytes(SPEAK_RATE // 10 * 2)  # 0.1 s
 
 
@@ -31,39 +29,6 @@ async def async_setup_entry(
     """Add the TTS entity when the configured models can speak."""
     if entry.runtime_data.engine.can("speak"):
         async_add_entities([SaraiTextToSpeech(entry)])
-
-
-def split_sentences(buffer: str, final: bool) -> tuple[list[str], str]:
-    """Complete sentences in ``buffer`` and the remainder; a sentence longer than MAX_SENTENCE_CHARS is split.
-
-    Whatever the shape of the text (no punctuation, one huge word), each piece handed to the talker is bounded.
-    """
-    parts = SENTENCE_END.split(buffer)
-    rest = "" if final else parts.pop()
-    if not final and len(rest) > MAX_SENTENCE_CHARS:  # no sentence end in sight: cut at the last space
-        cut = rest.rfind(" ", 0, MAX_SENTENCE_CHARS)
-        cut = cut if cut > 0 else MAX_SENTENCE_CHARS
-        parts.append(rest[:cut])
-        rest = rest[cut:]
-    sentences: list[str] = []
-    for part in parts:
-        part = part.strip()
-        while len(part) > MAX_SENTENCE_CHARS:
-            cut = part.rfind(" ", 0, MAX_SENTENCE_CHARS)
-            cut = cut if cut > 0 else MAX_SENTENCE_CHARS
-            sentences.append(part[:cut].strip())
-            part = part[cut:].strip()
-        if part:
-            sentences.append(part)
-    return sentences, rest
-
-
-def _stream_header() -> bytes:
-    """A WAV header with an open length; PCM follows sentence by sentence."""
-    header = bytearray(wav_bytes(b"", SPEAK_RATE))
-    header[4:8] = (0xFFFFFFFF).to_bytes(4, "little")
-    header[40:44] = (0xFFFFFFFF - 36).to_bytes(4, "little")
-    return bytes(header)
 
 
 class SaraiTextToSpeech(tts.TextToSpeechEntity, SaraiEntity):
@@ -142,11 +107,11 @@ class SaraiTextToSpeech(tts.TextToSpeechEntity, SaraiEntity):
                 spoken += len(sentence)
                 pcm = await self._speak(sentence, voice)
                 if not header_sent:  # only once the first sentence spoke: an error before it is a clean error
-                    yield _stream_header()
+                    yield wav_stream_header()
                     header_sent = True
                 yield pcm
             if not header_sent:
-                yield _stream_header()
+                yield wav_stream_header()
                 yield SILENCE
 
         return TTSAudioResponse("wav", data_gen())

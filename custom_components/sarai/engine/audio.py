@@ -92,3 +92,11 @@ def wav_bytes(pcm: bytes, rate: int = SPEAK_RATE, channels: int = 1) -> bytes:
         wav.setframerate(rate)
         wav.writeframes(pcm)
     return buf.getvalue()
+
+
+def wav_stream_header(rate: int = SPEAK_RATE) -> bytes:
+    """A 16-bit mono WAV header with an open length: PCM follows as it is made (streamed speech)."""
+    header = bytearray(wav_bytes(b"", rate))
+    header[4:8] = (0xFFFFFFFF).to_bytes(4, "little")
+    header[40:44] = (0xFFFFFFFF - 36).to_bytes(4, "little")
+    return bytes(header)

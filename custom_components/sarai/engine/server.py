@@ -96,6 +96,7 @@ from .core import TEXT, EngineConfig, SaraiEngine
 from .errors import EngineError, InvalidInput, RemoteAuthError, UnsupportedModality
 from .media import LOCAL_FORMATS, MAX_DURATION_S, MAX_FPS, Clip, validate_request
 from .openai_client import error_body, error_status, validate_api_key
+from .text import split_sentences
 from .types import ChatDelta, ChatMessage, ChatRequest, ToolCall, ToolSpec
 
 _LOGGER = logging.getLogger(__name__)
@@ -103,14 +104,12 @@ _LOGGER = logging.getLogger(__name__)
 MB = 1024 * 1024
 MAX_BODY_BYTES = 32 * MB
 MAX_SPEECH_CHARS = 1000
-MAX_SENTENCE_CHARS = 200
 MAX_TOKENS = 32768
 MAX_CLIP_FRAMES = int(MAX_DURATION_S * MAX_FPS)
 VOICES = ("Chelsie", "Ethan")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 ROLES = ("system", "developer", "user", "assistant", "tool")
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-SENTENCE_END = re.compile(r"(?<=[.!?¡¿;:\n])\s+")
 TRANSCRIPT_REQUEST = re.compile(
     r"transcri|dictat|verbatim|word for word|what (?:is|was) said|qu[eé] (?:se )?dice|literal", re.IGNORECASE
 )
@@ -705,29 +704,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await respond_chat(request, deltas, call.stream, request.app[MODEL_ID])
 
 
-def split_sentences(text: str) -> list[str]:
-    """Sentences of at most MAX_SENTENCE_CHARS characters (cut at a space when one is longer)."""
-    sentences: list[str] = []
-    for part in SENTENCE_END.split(text):
-        part = part.strip()
-        while len(part) > MAX_SENTENCE_CHARS:
-            cut = part.rfind(" ", 0, MAX_SENTENCE_CHARS)
-            cut = cut if cut > 0 else MAX_SENTENCE_CHARS
-            sentences.append(part[:cut].strip())
-            part = part[cut:].strip()
-        if part:
-            sentences.append(part)
-    return sentences
-
-
-def wav_stream_header() -> bytes:
-    """A 24 kHz mono 16-bit WAV header with an open length; PCM follows sentence by sentence."""
-    header = bytearray(audio_mod.wav_bytes(b"", audio_mod.SPEAK_RATE))
-    header[4:8] = (0xFFFFFFFF).to_bytes(4, "little")
-    header[40:44] = (0xFFFFFFFF - 36).to_bytes(4, "little")
-    return bytes(header)
-
-
 async def audio_speech(request: web.Request) -> web.StreamResponse:
     """POST /v1/audio/speech: WAV or PCM, streamed sentence by sentence."""
     body = await read_json(request)
@@ -749,7 +725,7 @@ async def audio_speech(request: web.Request) -> web.StreamResponse:
     if fmt not in ("wav", "pcm"):
         raise bad("response_format must be wav or pcm")
     engine = request.app[ENGINE]
-    sentences = split_sentences(text)
+    sentences = split_sentences(text, final=True)[0]
     pcm = await engine.speak(sentences[0], voice)  # an error before the first sentence has its status code
     resp = web.StreamResponse(
         headers={
@@ -760,7 +736,7 @@ async def audio_speech(request: web.Request) -> web.StreamResponse:
     await resp.prepare(request)
     try:
         if fmt == "wav":
-            await resp.write(wav_stream_header())
+            await resp.write(audio_mod.wav_stream_header())
         for sentence in sentences[1:]:
             if pcm:
                 await resp.write(pcm)

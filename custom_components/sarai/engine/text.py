@@ -132,3 +132,32 @@ async def then_end[T](stream: AsyncIterator[T]) -> AsyncIterator[T | None]:
     async for item in stream:
         yield item
     yield None
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?¡¿;:\n])\s+")
+MAX_SENTENCE_CHARS = 200  # the longest piece one talker call speaks
+
+
+def split_sentences(buffer: str, final: bool) -> tuple[list[str], str]:
+    """Complete sentences in ``buffer`` and the remainder; a sentence longer than MAX_SENTENCE_CHARS is split.
+
+    Whatever the shape of the text (no punctuation, one huge word), each piece handed to the talker is bounded.
+    """
+    parts = SENTENCE_END.split(buffer)
+    rest = "" if final else parts.pop()
+    if not final and len(rest) > MAX_SENTENCE_CHARS:  # no sentence end in sight: cut at the last space
+        cut = rest.rfind(" ", 0, MAX_SENTENCE_CHARS)
+        cut = cut if cut > 0 else MAX_SENTENCE_CHARS
+        parts.append(rest[:cut])
+        rest = rest[cut:]
+    sentences: list[str] = []
+    for part in parts:
+        part = part.strip()
+        while len(part) > MAX_SENTENCE_CHARS:
+            cut = part.rfind(" ", 0, MAX_SENTENCE_CHARS)
+            cut = cut if cut > 0 else MAX_SENTENCE_CHARS
+            sentences.append(part[:cut].strip())
+            part = part[cut:].strip()
+        if part:
+            sentences.append(part)
+    return sentences, rest
