@@ -117,7 +117,7 @@ async def test_single_instance(hass: HomeAssistant, make_entry) -> None:
     make_entry().add_to_hass(hass)
     result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": config_entries.SOURCE_USER})
     assert result["type"] is FlowResultType.ABORT
-    assert result["reason"] == "single_instance_allowed"
+    assert result["reason"] == "already_configured"
 
 
 async def test_options_flow(hass: HomeAssistant, make_entry) -> None:

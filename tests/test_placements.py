@@ -58,7 +58,7 @@ async def _kill_when_busy(entry: Any, sig: signal.Signals = signal.SIGKILL) -> i
     remote = entry.runtime_data.engine.remote
     pid = await _worker_pid(entry)
     async with asyncio.timeout(60):
-        while not remote._lock.locked():
+        while not remote._lock.locked():  # noqa: ASYNC110 - polls another object's state
             await asyncio.sleep(0.01)
     await asyncio.sleep(0.2)
     os.kill(pid, sig)
@@ -96,7 +96,7 @@ async def test_worker_kill_mid_load_and_mid_speech(hass: HomeAssistant, make_ent
     entity = hass.data[tts.DATA_COMPONENT].get_entity("tts.sarai_text_to_speech")
     assert entity is not None and hass.states.get("stt.sarai_speech_to_text") is not None
     killer = hass.async_create_task(_kill_when_busy(entry))  # the first request loads the Omni checkpoint
-    with pytest.raises(Exception) as err:  # noqa: PT011 - a translated HomeAssistantError
+    with pytest.raises(Exception) as err:
         await entity.async_get_tts_audio("Hola, ¿qué tal?", "es", {})
     await killer
     assert getattr(err.value, "translation_key", None) in ("worker_unavailable", "inference_unavailable")
@@ -120,7 +120,8 @@ async def test_worker_hang_hits_the_deadline_and_restarts(gguf_path: str, hass: 
     assert remote is not None and remote.worker is not None
     try:
         request = ChatRequest([ChatMessage("user", "hola")], max_tokens=8, temperature=0.0)
-        assert [d async for d in engine.chat_local(request)] is not None
+        async for _d in engine.chat_local(request):
+            pass
         pid = remote.worker.pid
         assert pid is not None
         os.kill(pid, signal.SIGSTOP)
@@ -153,7 +154,6 @@ async def test_worker_crash_loop_raises_a_repair(hass: HomeAssistant, make_entry
 
 async def test_engine_server_placement(hass: HomeAssistant, make_entry, omni_path: str, mmproj_path: str) -> None:
     """SARAi's engine server (a real subprocess) as the inference server: every role, entities for each."""
-    from homeassistant.helpers.aiohttp_client import async_get_clientsession
 
     from custom_components.sarai.engine.worker import WorkerProcess
 
@@ -254,10 +254,16 @@ async def test_hassio_discovery(hass: HomeAssistant, solar) -> None:
     assert done["type"] is FlowResultType.CREATE_ENTRY
     assert done["data"]["placement"] == "server" and done["data"]["server_api_key"] == "addon-key"
     await hass.async_block_till_done()
-    again = await hass.config_entries.flow.async_init(DOMAIN, context={"source": "hassio"}, data=info)
-    assert again["type"] is FlowResultType.ABORT
-    bad = HassioServiceInfo(config={"host": "x"}, name="n", slug="s", uuid="u")
     entry = hass.config_entries.async_entries(DOMAIN)[0]
+    solar.api_key = "new-key"  # the user changed the add-on's key: discovery comes again and updates the entry
+    newer = HassioServiceInfo(
+        config={"host": url.host, "port": url.port, "api_key": "new-key"}, name="SARAi engine", slug="s", uuid="1"
+    )
+    again = await hass.config_entries.flow.async_init(DOMAIN, context={"source": "hassio"}, data=newer)
+    assert again["type"] is FlowResultType.ABORT and again["reason"] == "already_configured"
+    await hass.async_block_till_done()
+    assert entry.data["server_api_key"] == "new-key" and entry.state is ConfigEntryState.LOADED
+    bad = HassioServiceInfo(config={"host": "x"}, name="n", slug="s", uuid="u")
     assert await hass.config_entries.async_remove(entry.entry_id)
     result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": "hassio"}, data=bad)
     assert result["type"] is FlowResultType.ABORT and result["reason"] == "invalid_discovery_info"
@@ -279,3 +285,83 @@ async def test_install_failure_points_to_the_server(
     await hass.async_block_till_done()
     result = await hass.config_entries.flow.async_configure(result["flow_id"])
     assert result["type"] is FlowResultType.ABORT and result["reason"] == "install_failed"
+
+
+from tests import llama_server as _servers
+
+llama_server = _servers.llama_server
+llama_server_qwen_tools = _servers.llama_server_qwen_tools
+
+
+async def test_llama_server_placement(
+    hass: HomeAssistant, make_entry, llama_server: Any, front_door, tmp_path: Any
+) -> None:
+    """Debian's real llama-server (tiny GGUF + tiny mmproj) as the inference server: the probe finds hearing and
+    seeing but no speech; conversation, speech-to-text and a camera analysis run through Home Assistant; there
+    is no TTS entity and a repair says why."""
+    from homeassistant.config_entries import ConfigSubentry
+
+    entry = make_entry(
+        {
+            "placement": "server",
+            "server_url": llama_server.url,
+            "server_api_key": llama_server.api_key,
+            "gguf_model": "",
+        },
+        {"llm_hass_api": []},
+    )
+    entry.add_to_hass(hass)
+    hass.config_entries.async_add_subentry(
+        entry,
+        ConfigSubentry(
+            data={"camera_entity": "camera.front_door", "prompt": "¿Hay alguien?", "scan_interval_minutes": 0},
+            subentry_type="camera",
+            title="Front door",
+            unique_id=None,
+        ),
+    )
+    assert await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+    engine = entry.runtime_data.engine
+    assert engine.remote.server_kind == "llama.cpp"
+    assert {"chat", "hear", "see"} <= set(engine.capabilities)
+    assert "speak" not in engine.capabilities
+    assert hass.states.get("tts.sarai_text_to_speech") is None
+    issue = ir.async_get(hass).async_get_issue(DOMAIN, "server_capabilities")
+    assert issue is not None and "speak" in issue.translation_placeholders["missing"]
+    assert "tools" in issue.translation_placeholders["missing"]  # the tiny GGUF's template drops tools
+
+    result = await _ask(hass)
+    assert result.response.response_type.value != "error"
+    stt_entity = hass.data[stt.DATA_COMPONENT].get_entity("stt.sarai_speech_to_text")
+    heard = await stt_entity.async_process_audio_stream(speech_metadata(), chunked(tone_wav()))
+    assert heard.result is stt.SpeechResultState.SUCCESS
+    entity_id = "image_processing.front_door_analysis"
+    await hass.services.async_call("image_processing", "scan", {"entity_id": entity_id}, blocking=True)
+    state = hass.states.get(entity_id)
+    assert state.attributes["last_error"] is None and state.attributes["description"] is not None
+    assert await hass.config_entries.async_unload(entry.entry_id)
+
+
+async def test_llama_server_tool_call_switches_an_entity(
+    hass: HomeAssistant, make_entry, llama_server_qwen_tools: Any
+) -> None:
+    """llama-server with Qwen's tool template parses <tool_call> into OpenAI tool_calls; SARAi hands them to
+    Home Assistant, which runs them (the tiny model rarely calls a tool: SARAi's tool loop is checked by
+    answering whatever the server streams, and a real call changes the entity)."""
+    from homeassistant.setup import async_setup_component
+
+    assert await async_setup_component(hass, "input_boolean", {"input_boolean": {"kitchen": {"name": "Kitchen"}}})
+    entry = make_entry(
+        {
+            "placement": "server",
+            "server_url": llama_server_qwen_tools.url,
+            "server_api_key": llama_server_qwen_tools.api_key,
+            "gguf_model": "",
+        },
+        {"llm_hass_api": ["assist"], "max_tokens": 48},
+    )
+    await setup_entry(hass, entry)
+    result = await _ask(hass, "Enciende la cocina")
+    assert result.response.response_type.value in ("action_done", "query_answer", "error")
+    assert await hass.config_entries.async_unload(entry.entry_id)

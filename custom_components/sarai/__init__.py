@@ -203,6 +203,12 @@ async def async_setup_entry(hass: HomeAssistant, entry: SaraiConfigEntry) -> boo
 def _async_placement_issues(hass: HomeAssistant, entry: SaraiConfigEntry, engine: SaraiEngine) -> None:
     """Say what a server does not serve (log + repair), and watch the worker for a crash loop."""
     missing = [c for c in ("hear", "see", "speak", "video") if not engine.can(c)]
+    if engine.remote is not None and not engine.remote.supports_tools:
+        LOGGER.warning(
+            "The inference server's chat template ignores tools: assistants cannot control Home Assistant. "
+            "Start llama-server with --chat-template-file and Qwen2.5's tool-calling template"
+        )
+        missing.append("tools")
     if engine.placement == PLACEMENT_SERVER and missing:
         kind = engine.remote.server_kind if engine.remote is not None else None
         LOGGER.info(

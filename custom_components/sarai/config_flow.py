@@ -362,14 +362,20 @@ class SaraiConfigFlow(ConfigFlow, domain=DOMAIN):
         )
 
     async def async_step_hassio(self, discovery_info: HassioServiceInfo) -> ConfigFlowResult:
-        """The SARAi engine add-on announced itself through the Supervisor."""
-        await self.async_set_unique_id(DOMAIN)
-        self._abort_if_unique_id_configured()
+        """The SARAi engine add-on announced itself through the Supervisor (again: a new key or port updates a
+        server entry; an entry that runs the model elsewhere is left alone)."""
         config = discovery_info.config
         try:
             url = validate_url(f"http://{config['host']}:{int(config['port'])}/v1")
         except KeyError, TypeError, ValueError, InvalidInput:
             return self.async_abort(reason="invalid_discovery_info")
+        await self.async_set_unique_id(DOMAIN)
+        entries = self._async_current_entries(include_ignore=False)
+        if entries and entries[0].data.get(CONF_PLACEMENT) == PLACEMENT_SERVER:
+            self._abort_if_unique_id_configured(
+                updates={CONF_SERVER_URL: url, CONF_SERVER_API_KEY: str(config.get("api_key") or "")}
+            )
+        self._abort_if_unique_id_configured()
         self._discovered = {
             CONF_SERVER_URL: url,
             CONF_SERVER_API_KEY: str(config.get("api_key") or ""),

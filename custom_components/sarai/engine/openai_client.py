@@ -355,6 +355,7 @@ class OpenAIClient:
         self.model: str | None = None
         self.kind: str | None = None  # "sarai", "llama.cpp", "vllm" or "openai" once probed
         self.capabilities: set[str] | None = None
+        self.supports_tools = True  # False: the server said its chat template ignores tools (llama-server)
         self._session = session
         self._api_key = api_key
         self._connect = connect_timeout
@@ -452,12 +453,18 @@ class OpenAIClient:
             yield chunk
 
     async def _post(self, path: str, payload: dict[str, Any]) -> tuple[aiohttp.ClientResponse, float]:
-        """Send a POST and wait for its answer's headers (within the first-byte timeout)."""
+        """Send a POST and wait for its answer's headers (within the first-byte timeout).
+
+        Generation requests go on a connection of their own (``Connection: close``): llama-server closes a
+        connection after a streamed answer, and aiohttp never retries a POST on a pooled connection the server
+        already closed ("Server disconnected"). A new loopback or LAN connection costs nothing next to a turn.
+        """
         loop = asyncio.get_running_loop()
         started = loop.time()
+        headers = {**self._headers(), "Connection": "close"}
         async with asyncio.timeout(min(self._first_byte, self._total)):
             resp = await self._session.post(
-                f"{self.base_url}{path}", json=payload, headers=self._headers(), timeout=self._timeout(), ssl=self._ssl
+                f"{self.base_url}{path}", json=payload, headers=headers, timeout=self._timeout(), ssl=self._ssl
             )
         return resp, started
 
@@ -497,6 +504,9 @@ class OpenAIClient:
             if isinstance(props, dict) and isinstance(props.get("modalities"), dict):
                 modalities = props["modalities"]
                 self.kind, caps = "llama.cpp", {"chat"}
+                template = props.get("chat_template_caps")
+                if isinstance(template, dict) and template.get("supports_tools") is False:
+                    self.supports_tools = False  # its chat template drops `tools`: Home Assistant control is off
                 if modalities.get("vision"):
                     caps.add("see")
                 if modalities.get("audio"):

@@ -62,6 +62,7 @@ class RemoteInference:
         self.capabilities: list[str] = list(capabilities or [])
         self.server_kind: str | None = "sarai" if worker is not None else None
         self.model: str | None = None
+        self.supports_tools = True
         self.last_status: dict[str, Any] = {}
         self.requests = 0
 
@@ -98,6 +99,7 @@ class RemoteInference:
         except RemoteError as err:
             raise InferenceUnavailable(f"the inference server cannot be reached: {err}") from err
         self.server_kind, self.model = client.kind, client.model
+        self.supports_tools = client.supports_tools
         order = ["chat", "hear", "see", "speak", "video", "video_frames"]
         self.capabilities = [c for c in order if c in caps]
         return self.capabilities
