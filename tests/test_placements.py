@@ -59,9 +59,8 @@ async def _kill_when_busy(entry: Any, sig: signal.Signals = signal.SIGKILL) -> i
     pid = await _worker_pid(entry)
     async with asyncio.timeout(60):
         while not remote._lock.locked():  # noqa: ASYNC110 - polls another object's state
-            await asyncio.sleep(0.01)
-    await asyncio.sleep(0.2)
-    os.kill(pid, sig)
+            await asyncio.sleep(0.005)
+    os.kill(pid, sig)  # the request is in flight: sent, or being sent
     return pid
 
 
@@ -69,13 +68,14 @@ async def test_worker_crash_fails_only_the_turn(hass: HomeAssistant, make_entry)
     """SIGKILL and SIGSEGV mid-generation: Home Assistant survives, the turn gets a translated error, the worker
     restarts by itself and the next turn answers; unload leaves no process behind."""
     entry = make_entry({"placement": "worker"}, {"llm_hass_api": [], "max_tokens": 400, "temperature": 1.0})
+    long_question = "cuéntame una historia muy larga " * 300  # seconds of prompt evaluation in the worker
     await setup_entry(hass, entry)
     assert entry.runtime_data.engine.placement == "worker"
     first = await _ask(hass)
     assert first.response.response_type.value != "error"
     for sig in (signal.SIGKILL, signal.SIGSEGV):
         killer = hass.async_create_task(_kill_when_busy(entry, sig))
-        result = await _ask(hass, "cuéntame una historia muy larga")
+        result = await _ask(hass, long_question)
         old_pid = await killer
         assert result.response.response_type.value == "error", result.response.speech
         assert not _alive(old_pid)
@@ -365,3 +365,166 @@ async def test_llama_server_tool_call_switches_an_entity(
     result = await _ask(hass, "Enciende la cocina")
     assert result.response.response_type.value in ("action_done", "query_answer", "error")
     assert await hass.config_entries.async_unload(entry.entry_id)
+
+
+async def test_worker_start_failures(gguf_path: str, hass: HomeAssistant) -> None:
+    """A worker that cannot start (a model file it refuses, a start slower than its deadline) is a translated
+    error, leaves no process, and a closed worker never starts again."""
+    from homeassistant.helpers.aiohttp_client import async_get_clientsession
+
+    from custom_components.sarai.engine.remote import RemoteInference
+    from custom_components.sarai.engine.worker import WorkerProcess
+
+    bad = WorkerProcess(["--gguf", "/nonexistent/model.gguf"])
+    with pytest.raises(WorkerUnavailable):
+        await bad.ensure()
+    assert bad.pid is None
+    slow = WorkerProcess(["--gguf", gguf_path], startup_timeout_s=0.01)
+    with pytest.raises(WorkerUnavailable):
+        await slow.ensure()
+    assert slow.pid is None
+    await slow.close()
+    with pytest.raises(WorkerUnavailable):
+        await slow.ensure()
+    with pytest.raises(ValueError):
+        RemoteInference(async_get_clientsession(hass))
+
+
+async def test_worker_returns_the_servers_own_errors(gguf_path: str, hass: HomeAssistant) -> None:
+    """An error the worker's engine raises (a prompt over the context) comes back as the same translated
+    error, not as "worker unavailable"; the worker keeps running; diagnostics describe it."""
+    from homeassistant.helpers.aiohttp_client import async_get_clientsession
+
+    from custom_components.sarai.engine.errors import ContextOverflow
+
+    engine = SaraiEngine(
+        EngineConfig(gguf_model=gguf_path, n_ctx=512, placement="worker"), async_get_clientsession(hass)
+    )
+    try:
+        await engine.warmup()
+        pid = engine.remote.worker.pid
+        with pytest.raises(ContextOverflow):
+            async for _d in engine.chat_local(ChatRequest([ChatMessage("user", "palabra " * 2000)], max_tokens=8)):
+                pass
+        assert engine.remote.worker.pid == pid
+        status = await engine.remote.refresh_status()
+        assert status.get("capabilities")
+        info = engine.remote.as_dict()
+        assert info["placement"] == "worker" and info["worker"]["pid"] == pid and "api_key" not in repr(info)
+        assert engine.status().rss_mb > 0
+    finally:
+        await engine.close()
+    assert await engine.remote.refresh_status() == status  # a stopped worker keeps its last report
+
+
+async def test_engine_server_video_and_llama_server_frames(
+    hass: HomeAssistant, make_entry, omni_path: str, mmproj_path: str, llama_server: Any, clip_path: Any
+) -> None:
+    """sarai.analyze_video through the servers: SARAi's engine server watches and hears the clip (its clip
+    extension); llama-server gets a few frames as image parts."""
+    from custom_components.sarai.engine.worker import WorkerProcess
+
+    hass.config.allowlist_external_dirs = {str(clip_path.parent)}
+    gguf = make_entry().data["gguf_model"]
+    server = WorkerProcess(["--gguf", gguf, "--mmproj", mmproj_path, "--omni", omni_path, "--ctx", "4096"])
+    url = await server.ensure()
+    try:
+        for server_url, key, route in (
+            (url, server.api_key, "omni_video_audio"),
+            (llama_server.url, llama_server.api_key, "gguf_frames_only"),
+        ):
+            entry = make_entry(
+                {"placement": "server", "server_url": server_url, "server_api_key": key, "gguf_model": ""},
+                {"llm_hass_api": []},
+            )
+            await setup_entry(hass, entry)
+            result = await hass.services.async_call(
+                DOMAIN,
+                "analyze_video",
+                {"file_path": str(clip_path), "duration": 3, "events": ["person"]},
+                blocking=True,
+                return_response=True,
+            )
+            assert result["route"] == route and isinstance(result["summary"], str)
+            assert await hass.config_entries.async_unload(entry.entry_id)
+            await hass.config_entries.async_remove(entry.entry_id)
+    finally:
+        await server.close()
+
+
+async def test_flow_server_errors_reconfigure_and_discovery_failure(hass: HomeAssistant, make_entry, solar) -> None:
+    """Server form: a key a header cannot carry, a server that is not OpenAI-compatible; reconfiguring a server
+    entry probes the new URL; a discovered add-on that does not answer is a form error, not an entry."""
+    from yarl import URL
+
+    form = await start_flow(hass, "server")
+    result = await hass.config_entries.flow.async_configure(
+        form["flow_id"], {"server_url": solar.url, "server_api_key": "a b"}
+    )
+    assert result["errors"] == {"server_api_key": "invalid_api_key"}
+    from aiohttp import web
+
+    from tests.common import local_server
+
+    async def login_page(_request: web.Request) -> web.Response:  # a proxy's page, not the OpenAI API
+        return web.Response(text="<html>login</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", login_page)
+    async with local_server(app) as html_url:
+        result = await hass.config_entries.flow.async_configure(form["flow_id"], {"server_url": html_url + "/v1"})
+    assert result["errors"] == {"server_url": "not_openai"}
+    result = await hass.config_entries.flow.async_configure(
+        form["flow_id"], {"server_url": solar.url, "solar_url": "ftp://x"}
+    )
+    assert result["errors"] == {"solar_url": "invalid_url"}
+    done = await hass.config_entries.flow.async_configure(form["flow_id"], {"server_url": solar.url})
+    assert done["type"] is FlowResultType.CREATE_ENTRY
+    await hass.async_block_till_done()
+    entry = hass.config_entries.async_entries(DOMAIN)[0]
+    flow = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": "reconfigure", "entry_id": entry.entry_id}
+    )
+    result = await hass.config_entries.flow.async_configure(flow["flow_id"], {"server_url": "http://127.0.0.1:9/v1"})
+    assert result["errors"] == {"server_url": "cannot_connect"}
+    result = await hass.config_entries.flow.async_configure(flow["flow_id"], {"server_url": solar.url + "/"})
+    assert result["reason"] == "reconfigure_successful"
+    await hass.async_block_till_done()
+    assert await hass.config_entries.async_remove(entry.entry_id)
+
+    url = URL(solar.url)
+    info = HassioServiceInfo(config={"host": url.host, "port": 9, "api_key": ""}, name="SARAi", slug="s", uuid="u")
+    result = await hass.config_entries.flow.async_init(DOMAIN, context={"source": "hassio"}, data=info)
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], {})
+    assert result["type"] is FlowResultType.FORM and result["errors"] == {"base": "cannot_connect"}
+
+
+async def test_install_on_demand_then_entry(
+    hass: HomeAssistant, gguf_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The install step creates the entry once llama-cpp-python can be imported (here it becomes importable
+    while the progress step shows, as Home Assistant's pip install would make it); an install that raises
+    RequirementsNotFound (no wheel, no compiler: cannot be produced on this machine) reports failure."""
+    import sys
+
+    from homeassistant.requirements import RequirementsNotFound
+
+    from custom_components.sarai import requirements
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    form = await start_flow(hass, "worker")
+    result = await hass.config_entries.flow.async_configure(
+        form["flow_id"], {"gguf_model": gguf_path, "memory_budget_mb": 12000}
+    )
+    assert result["type"] is FlowResultType.SHOW_PROGRESS
+    monkeypatch.delitem(sys.modules, "llama_cpp")  # "installed"
+    await hass.async_block_till_done()
+    result = await hass.config_entries.flow.async_configure(result["flow_id"])
+    assert result["type"] is FlowResultType.CREATE_ENTRY and result["data"]["placement"] == "worker"
+    await hass.async_block_till_done()
+
+    async def fail(*_args: Any) -> None:
+        raise RequirementsNotFound(DOMAIN, ["llama-cpp-python==0.3.36"])
+
+    monkeypatch.setattr(requirements, "async_process_requirements", fail)
+    assert await requirements.install_llama_cpp(hass) is False

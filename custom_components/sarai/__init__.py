@@ -57,6 +57,7 @@ from .const import (
 )
 from .engine import EngineConfig, SaraiEngine
 from .engine.errors import DependencyMissing, ModelCorrupt, ModelMissing
+from .engine.prompt_cache import delete_cache_dir
 from .engine.remote import InferenceUnavailable
 from .requirements import install_llama_cpp, llama_cpp_importable
 from .services import async_setup_services
@@ -76,7 +77,7 @@ class SaraiData:
 type SaraiConfigEntry = ConfigEntry[SaraiData]
 
 
-def engine_config(entry: ConfigEntry) -> EngineConfig:
+def engine_config(entry: ConfigEntry, cache_dir: str | None = None) -> EngineConfig:
     """Build the engine's plain configuration from the entry (the engine settings, not the assistants')."""
     data, options = entry.data, entry.options
     solar_url = data.get(CONF_SOLAR_URL) or None
@@ -96,6 +97,7 @@ def engine_config(entry: ConfigEntry) -> EngineConfig:
         routing_mode=options.get(CONF_ROUTING_MODE, "auto" if solar_url else "local"),
         solar_timeout_s=float(options.get(CONF_SOLAR_TIMEOUT, DEFAULT_SOLAR_TIMEOUT)),
         omni_int8=bool(options.get(CONF_OMNI_INT8, False)),
+        cache_dir=cache_dir,
     )
 
 
@@ -112,7 +114,7 @@ async def async_setup_entry(hass: HomeAssistant, entry: SaraiConfigEntry) -> boo
     def _auth_failed() -> None:
         entry.async_start_reauth(hass)
 
-    config = engine_config(entry)
+    config = engine_config(entry, prompt_cache_dir(hass, entry))
     session = async_get_clientsession(hass)
     if config.placement != PLACEMENT_SERVER and not await hass.async_add_executor_job(llama_cpp_importable):
         await install_llama_cpp(hass)  # Home Assistant's requirements machinery; a failure is reported below
@@ -194,7 +196,9 @@ async def async_setup_entry(hass: HomeAssistant, entry: SaraiConfigEntry) -> boo
     if any(s.subentry_type == SUBENTRY_CAMERA for s in entry.subentries.values()):
         await _async_setup_image_processing(hass, entry)
     entry.async_on_unload(entry.add_update_listener(_async_update_listener))
-    if entry.options.get(CONF_WARMUP):
+    if entry.options.get(CONF_WARMUP) and not any(
+        s.subentry_type == SUBENTRY_CONVERSATION for s in entry.subentries.values()
+    ):  # conversation agents warm up themselves, prefilling their own prompts
         entry.async_create_background_task(hass, engine.warmup(), "sarai warm-up")
     return True
 
@@ -275,6 +279,18 @@ async def async_unload_entry(hass: HomeAssistant, entry: SaraiConfigEntry) -> bo
     if unloaded:
         await entry.runtime_data.engine.close()
     return unloaded
+
+
+def prompt_cache_dir(hass: HomeAssistant, entry: ConfigEntry) -> str:
+    """Where prefilled prompt states are kept: Home Assistant's cache directory (not backed up; they hold the
+    system prompt's tokens, exposed entity names included, so they are as private as .storage)."""
+    return hass.config.cache_path(DOMAIN, entry.entry_id)
+
+
+async def async_remove_entry(hass: HomeAssistant, entry: ConfigEntry) -> None:
+    """Removing SARAi deletes its prompt states."""
+    removed = await hass.async_add_executor_job(delete_cache_dir, prompt_cache_dir(hass, entry))
+    LOGGER.debug("Deleted %d prompt-state files", removed)
 
 
 async def async_migrate_entry(hass: HomeAssistant, entry: ConfigEntry) -> bool:

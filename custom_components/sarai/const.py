@@ -21,7 +21,9 @@ CONF_SERVER_API_KEY = "server_api_key"
 PLACEMENT_IN_PROCESS = "in_process"  # in Home Assistant's process
 PLACEMENT_WORKER = "worker"  # SARAi's engine server as a supervised child process on 127.0.0.1
 PLACEMENT_SERVER = "server"  # an OpenAI-compatible server: SARAi's add-on, llama-server, vLLM
-PLACEMENTS = (PLACEMENT_IN_PROCESS, PLACEMENT_WORKER, PLACEMENT_SERVER)
+# The menu order: the worker first, the recommended default for a Home Assistant Core install (README,
+# "Where the model runs": crash isolation costs less than the goal the benchmarks check).
+PLACEMENTS = (PLACEMENT_WORKER, PLACEMENT_IN_PROCESS, PLACEMENT_SERVER)
 # Installed on demand for the in_process and worker placements (not in manifest.json: it is a source
 # package that cannot build on Home Assistant OS / Container, where the server placement is the way).
 LLAMA_CPP_REQUIREMENT = "llama-cpp-python==0.3.36"

@@ -70,6 +70,7 @@ async def async_get_config_entry_diagnostics(hass: HomeAssistant, entry: SaraiCo
             ],
             "placement": engine.placement,
             "inference": engine.remote.as_dict() if engine.remote is not None else None,
+            "prompt_cache": engine.text.cache_status() if engine.remote is None else None,
             "engine": engine.status().as_dict(),
             "peak_rss_mb": engine.manager.peak_rss_bytes // (1024 * 1024),
             "router": {

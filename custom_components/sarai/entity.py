@@ -152,6 +152,29 @@ class SaraiLLMEntity(SaraiSubentryEntity):
 
     _attr_name = None  # the assistant is its device: "conversation.casa", "ai_task.sarai_ai_task"
 
+    def chat_request(
+        self,
+        chat_log: conversation.ChatLog,
+        json_schema: dict[str, Any] | None = None,
+        extra_context: str | None = None,
+    ) -> ChatRequest:
+        """The engine request for the chat log as it stands, with this assistant's settings and tools."""
+        options = self.subentry.data
+        tools: list[ToolSpec] = []
+        if chat_log.llm_api:
+            tools = [format_tool(t, chat_log.llm_api.custom_serializer) for t in chat_log.llm_api.tools]
+        return ChatRequest(
+            messages=chat_log_messages(chat_log, extra_context),
+            tools=tools,
+            max_tokens=int(options.get(CONF_MAX_TOKENS, DEFAULT_MAX_TOKENS)),
+            temperature=float(options.get(CONF_TEMPERATURE, DEFAULT_TEMPERATURE)),
+            json_schema=json_schema,
+            conversation_id=chat_log.conversation_id,
+            routing_mode=options.get(CONF_ROUTING_MODE),
+            history_turns=int(options.get(CONF_HISTORY_TURNS, DEFAULT_HISTORY_TURNS)),
+            agent=self.subentry.title,
+        )
+
     async def async_handle_chat_log(
         self,
         chat_log: conversation.ChatLog,
@@ -162,26 +185,10 @@ class SaraiLLMEntity(SaraiSubentryEntity):
 
         The engine decides the route of each call; this only reads it and announces it (``sarai_route``).
         """
-        options = self.subentry.data
-        tools: list[ToolSpec] = []
-        if chat_log.llm_api:
-            tools = [format_tool(t, chat_log.llm_api.custom_serializer) for t in chat_log.llm_api.tools]
         turn: ChatTurn | None = None
         try:
             for _ in range(MAX_TOOL_ITERATIONS):
-                turn = self.engine.chat(
-                    ChatRequest(
-                        messages=chat_log_messages(chat_log, extra_context),
-                        tools=tools,
-                        max_tokens=int(options.get(CONF_MAX_TOKENS, DEFAULT_MAX_TOKENS)),
-                        temperature=float(options.get(CONF_TEMPERATURE, DEFAULT_TEMPERATURE)),
-                        json_schema=json_schema,
-                        conversation_id=chat_log.conversation_id,
-                        routing_mode=options.get(CONF_ROUTING_MODE),
-                        history_turns=int(options.get(CONF_HISTORY_TURNS, DEFAULT_HISTORY_TURNS)),
-                        agent=self.subentry.title,
-                    )
-                )
+                turn = self.engine.chat(self.chat_request(chat_log, json_schema, extra_context))
                 try:
                     async for _content in chat_log.async_add_delta_content_stream(
                         self.entity_id, transform_stream(turn)

@@ -102,6 +102,7 @@ class EngineConfig:
     solar_timeout_s: float = 30.0
     rules: RoutingRules = field(default_factory=RoutingRules)
     placement: str = "in_process"  # "in_process", "worker" (a supervised child process) or "server"
+    cache_dir: str | None = None  # where prefilled prompt states are kept across restarts (None: memory only)
     server_url: str | None = None  # placement "server": an OpenAI-compatible inference server
     server_api_key: str | None = None
     worker_startup_timeout_s: float = 180.0
@@ -119,6 +120,8 @@ class EngineConfig:
                 args.append("--omni-int8")
         if self.n_threads:
             args += ["--threads", str(self.n_threads)]
+        if self.cache_dir:
+            args += ["--cache-dir", self.cache_dir]
         return args
 
 
@@ -190,7 +193,9 @@ class SaraiEngine:
                 raise ModelMissing("no text GGUF is configured", path="")
             require_packages(["llama_cpp"] + (["torch", "transformers"] if config.omni_model else []))
             threads = config.n_threads or physical_cores()
-            self.text = LlamaBackend(TEXT, config.gguf_model, config.n_ctx, threads, config.mmproj_model)
+            self.text = LlamaBackend(
+                TEXT, config.gguf_model, config.n_ctx, threads, config.mmproj_model, cache_dir=config.cache_dir
+            )
             backends.append(self.text)
             if config.omni_model:
                 backends.append(OmniBackend(OMNI, config.omni_model, config.omni_dtype, config.omni_int8))
@@ -207,6 +212,7 @@ class SaraiEngine:
                 session, worker=worker, capabilities=self._local_capabilities(), timeout_s=config.request_timeout_s
             )
         self.on_crash_loop: Callable[[int], None] | None = None
+        self._prefill_lock = asyncio.Lock()
         self.solar: SolarClient | None = None
         if config.solar_url and session is not None:
             self.solar = SolarClient(
@@ -272,12 +278,44 @@ class SaraiEngine:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    async def warmup(self) -> None:
-        """Preload the text model (cold-start mitigation); a worker starts and loads it."""
+    async def warmup(self, prefill: ChatRequest | None = None) -> None:
+        """Preload the text model (cold-start mitigation); a worker starts and loads it.
+
+        ``prefill``: an assistant's prompt (its system message and tools): its static prefix is then
+        evaluated, or restored from the prompt-state cache, so that the first turn evaluates only its own words.
+        """
         if self.remote is not None:
             await self.remote.warmup()
             return
-        await self.manager.warmup([TEXT])
+        async with self._prefill_lock:  # one warm-up job at a time: a job never counts as a waiting user
+            await self.manager.warmup([TEXT])
+            if prefill is not None:
+                await self.prefill(prefill)
+
+    async def prefill(self, request: ChatRequest) -> int:
+        """Evaluate and keep the static prefix of ``request``'s prompt (system prompt + tools), generating nothing.
+
+        A low-priority job: skipped when the text model is not loaded or a request waits for it, and
+        stopped between two small chunks as soon as one does (what was evaluated stays in the KV cache
+        for it). No timeout: it yields instead. Errors are logged, not raised. Returns the tokens of the
+        prefix now cached (0: skipped, interrupted or failed). Placements "worker" and "server": 0.
+        """
+        if self.remote is not None or not self.text.loaded:
+            return 0
+        text = self.text
+
+        def waiting() -> bool:
+            return self.manager.waiting(TEXT)
+
+        if waiting():
+            return 0
+        try:
+            cached = await self.manager.call(TEXT, lambda stop: text.prefill(request, stop, waiting))
+        except EngineError as err:
+            _LOGGER.warning("Prefill of the prompt prefix failed: %s", err)
+            return 0
+        _LOGGER.debug("Prefill: %d prompt tokens cached", cached)
+        return cached
 
     async def close(self) -> None:
         """Unload every backend and stop worker threads (and the worker process)."""

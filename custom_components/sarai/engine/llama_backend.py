@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import codecs
+from collections.abc import Callable
 import ctypes
 import logging
+from pathlib import Path
 import threading
 from typing import Any
 
@@ -15,14 +17,26 @@ from .grammar import check_gbnf, json_grammar
 from .history import first_kept_turn, split_turns
 from .manager import Backend, Emit
 from .models import GGUFInfo, MMProjInfo, inspect_gguf, inspect_mmproj
+from .prompt_cache import (
+    CacheEntry,
+    PromptCache,
+    StateStore,
+    common_prefix,
+    delete_cache_dir,
+    model_identity,
+    prefix_key,
+)
 from .text import sanitize_text
-from .tools import ASSISTANT_OPENER, TOOL_CLOSE, TOOL_OPEN, Segment, message_segments, system_segments
-from .types import ChatRequest
+from .tools import ASSISTANT_OPENER, TOOL_CLOSE, TOOL_OPEN, Segment, message_segments, system_parts
+from .types import ChatMessage, ChatRequest
 
 _LOGGER = logging.getLogger(__name__)
 
 MTMD_COMPUTE_BYTES = 64 * 1024 * 1024
 MIN_ANSWER_TOKENS = 8  # below this much room for the answer the prompt does not fit
+MIN_RESTORE_GAIN = 8  # restore a saved state only when it spares at least this many tokens over the live one
+MIN_SAVE_TOKENS = 16  # save the live state before it is overwritten only when it holds this many tokens more
+PREFILL_CHUNK = 32  # a prefill evaluates this many tokens at a time, and yields to a waiting request in between
 
 
 class LlamaBackend(Backend):
@@ -35,17 +49,43 @@ class LlamaBackend(Backend):
     kind = "gguf"
 
     def __init__(
-        self, name: str, path: str, n_ctx: int, n_threads: int | None = None, mmproj: str | None = None
+        self,
+        name: str,
+        path: str,
+        n_ctx: int,
+        n_threads: int | None = None,
+        mmproj: str | None = None,
+        *,
+        cache_bytes: int | None = None,
+        cache_entries: int = 8,
+        cache_dir: str | Path | None = None,
+        cache_files: int = 4,
     ) -> None:
-        """Validate the headers now; load later."""
+        """Validate the headers now; load later.
+
+        ``cache_bytes``: memory for saved prompt states (default twice the KV cache; 0 keeps none), counted
+        in ``estimate_bytes``; ``cache_entries`` bounds their number. ``cache_dir``: where the prefilled
+        prefix's state is kept across restarts (None: not on disk), at most ``cache_files`` files.
+        """
         super().__init__(name)
         self.info: GGUFInfo = inspect_gguf(path)
         self.mmproj: MMProjInfo | None = inspect_mmproj(mmproj, self.info) if mmproj else None
         self.n_ctx = n_ctx
         self.n_threads = n_threads
+        kv_bytes = self.info.kv_cache_bytes(n_ctx)
+        self.cache_bytes = max(0, 2 * kv_bytes if cache_bytes is None else cache_bytes)
+        self.cache_entries = cache_entries
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.cache_files = cache_files
         self._llm: Any = None
         self._mtmd: Any = None
-        self.last_prompt_tokens: list[int] = []  # what the last chat evaluated (benchmarks compare against it)
+        self._cache: PromptCache | None = None
+        self._live_key: str | None = None  # whose prompt the KV cache holds (a conversation, a prefix)
+        self._live_dirty = False  # it holds tokens that no saved state has
+        self.last_prompt_tokens: list[int] = []  # the last chat's prompt (benchmarks compare against it)
+        self.last_reused_tokens = 0  # of it, tokens whose KV was already there (live or restored)
+        self.last_evaluated_tokens = 0  # of it, tokens llama.cpp evaluated
+        self.last_prefill_tokens = 0  # the static prefix the last prefill left cached
         self.last_generated = 0
         self.last_output_tokens: list[int] = []  # what the last chat generated
         self._tool_tokens: frozenset[int] = frozenset()  # special tokens whose text replies may hold
@@ -66,8 +106,8 @@ class LlamaBackend(Backend):
         return self.mmproj is not None and self.mmproj.has_vision
 
     def estimate_bytes(self) -> int:
-        """File size (mmap) + f16 KV cache + a compute buffer (+ the mmproj and its compute buffer)."""
-        total = self.info.size_bytes + self.info.kv_cache_bytes(self.n_ctx) + 32 * 1024 * 1024
+        """File size (mmap) + f16 KV cache + a compute buffer + saved prompt states (+ the mmproj and its buffer)."""
+        total = self.info.size_bytes + self.info.kv_cache_bytes(self.n_ctx) + 32 * 1024 * 1024 + self.cache_bytes
         if self.mmproj is not None:
             total += self.mmproj.size_bytes + MTMD_COMPUTE_BYTES
         return total
@@ -91,6 +131,7 @@ class LlamaBackend(Backend):
         # (the tool-call parser needs it); every other special token is generated as nothing.
         ids = [self._llm.tokenize(tag.encode(), add_bos=False, special=True) for tag in (TOOL_OPEN, TOOL_CLOSE)]
         self._tool_tokens = frozenset(t[0] for t in ids if len(t) == 1)
+        self._open_cache(llama_cpp.__version__)
         if self.mmproj is not None:
             try:
                 self._load_mtmd()
@@ -113,7 +154,10 @@ class LlamaBackend(Backend):
         self._mtmd = ctx
 
     def unload(self) -> None:
-        """Free the mmproj, the model and its KV cache."""
+        """Free the mmproj, the model, its KV cache and the saved prompt states held in memory."""
+        if self._cache is not None:
+            self._cache.clear_memory()
+        self._live_key, self._live_dirty = None, False
         if self._mtmd is not None:
             import llama_cpp.mtmd_cpp as mtmd
 
@@ -139,8 +183,9 @@ class LlamaBackend(Backend):
         Raises ContextOverflow when even the system turn and the newest turn leave no room to answer.
         """
         head, turns = split_turns(request.messages)
-        system = head[0] if head else None
-        fixed = self.tokenize_segments(system_segments(system, request.tools))
+        fixed = self.prefix_tokens(request, head)
+        system_tail = system_parts(head[0] if head else None, request.tools)[1]
+        fixed += self.tokenize_segments(system_tail)
         for extra in head[1:]:  # further leading system messages (none from Home Assistant)
             fixed += self.tokenize_segments(message_segments(extra))
         opener = self.tokenize_segments(ASSISTANT_OPENER)
@@ -168,6 +213,13 @@ class LlamaBackend(Backend):
             )
         return tokens
 
+    def prefix_tokens(self, request: ChatRequest, head: list[ChatMessage] | None = None) -> list[int]:
+        """The static start of the request's prompt: the system turn up to its dynamic part (tools, instructions,
+        exposed context), the same for every conversation of an assistant until its settings change."""
+        if head is None:
+            head = split_turns(request.messages)[0]
+        return self.tokenize_segments(system_parts(head[0] if head else None, request.tools)[0])
+
     def grammar(self, schema: dict[str, Any]) -> Any:
         """A LlamaGrammar for ``schema``, checked in Python and by llama.cpp's own parser before any sampling."""
         import llama_cpp
@@ -194,8 +246,9 @@ class LlamaBackend(Backend):
     def chat(self, request: ChatRequest, emit: Emit, stop: threading.Event) -> None:
         """Stream raw completion text for a chat request; stops at the next token when asked.
 
-        llama-cpp-python keeps the KV cache of the previous prompt and only evaluates the new
-        suffix, so the next turn of the same conversation reuses the shared prefix.
+        Only what the KV cache does not hold yet is evaluated: the longest common prefix with the
+        live KV cache or with a saved state (another conversation's, a prefilled prefix) is kept
+        (see ``_evaluate``); ``last_reused_tokens`` / ``last_evaluated_tokens`` say how much.
         """
         import llama_cpp
 
@@ -211,9 +264,14 @@ class LlamaBackend(Backend):
         produced: list[int] = []
         self.last_prompt_tokens = list(tokens)
         self.last_output_tokens = produced
+        self.last_generated = 0
+        if not self._evaluate(tokens, request.conversation_id, stop, int(self._llm.n_batch)):
+            return
+        # The whole prompt is in the KV cache now, with fresh logits: generate() samples right away.
         for token in self._llm.generate(
             tokens, temp=request.temperature, top_k=40, top_p=0.95, min_p=0.05, grammar=grammar
         ):
+            self._live_dirty = True
             if stop.is_set() or llama_cpp.llama_vocab_is_eog(vocab, token):
                 break
             produced.append(token)
@@ -226,6 +284,188 @@ class LlamaBackend(Backend):
         tail = decoder.decode(b"", final=True)
         if tail:
             emit(tail)
+
+    # -- prompt states: the live KV cache, saved ones, prefill ---------------------------------
+
+    def _open_cache(self, runtime: str) -> None:
+        """Set up the saved prompt states after a load (none when ``cache_bytes`` is 0); with a cache directory,
+        find this model's state files and restore the newest into the KV cache (the first turn after a
+        restart then reuses it)."""
+        self._live_key, self._live_dirty = None, False
+        self._cache = None
+        if self.cache_bytes <= 0:
+            return
+        store = None
+        if self.cache_dir is not None:
+            try:
+                identity = model_identity(self.info.path, self.n_ctx, f"llama-cpp-python {runtime}")
+            except OSError as err:  # pragma: no cover - the file was inspected a moment ago
+                _LOGGER.warning("No prompt states on disk: %s", err)
+            else:
+                max_disk = max(self.cache_files, 1) * max(self.info.kv_cache_bytes(self.n_ctx), 1) + (1 << 20)
+                store = StateStore(self.cache_dir, identity, self.cache_files, max_disk)
+        self._cache = PromptCache(self.cache_bytes, self.cache_entries, store)
+        found = self._cache.scan_disk()
+        if found and self._restore(found[0]):
+            _LOGGER.debug("Restored the prompt state of %d tokens from %s", len(found[0].tokens), self.cache_dir)
+
+    def _truncate(self, n: int) -> None:
+        """Keep the first ``n`` tokens of the KV cache (a saved state then holds exactly the live tokens)."""
+        import llama_cpp
+
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._llm._ctx.ctx), 0, n, -1)
+        self._llm.n_tokens = n
+
+    def _live_tokens(self) -> np.ndarray:
+        return np.asarray(self._llm.input_ids[: self._llm.n_tokens], dtype=np.int32)
+
+    def _state_bytes(self) -> bytearray | None:
+        """A copy of sequence 0's KV cache (None when it would not fit the cache's budget)."""
+        import llama_cpp
+
+        assert self._cache is not None
+        ctx = self._llm._ctx.ctx
+        size = int(llama_cpp.llama_state_seq_get_size(ctx, 0))
+        if size <= 0 or size > self._cache.max_bytes:
+            return None
+        data = bytearray(size)
+        got = int(llama_cpp.llama_state_seq_get_data(ctx, (ctypes.c_uint8 * size).from_buffer(data), size, 0))
+        if got <= 0:  # pragma: no cover - llama.cpp reports the size it then writes
+            return None
+        del data[got:]
+        return data
+
+    def _save_live(self, key: str | None) -> CacheEntry | None:
+        """Keep the live KV cache (a conversation's prompt and answer) before ``key``'s prompt overwrites it."""
+        if self._cache is None or not self._live_dirty or self._live_key is None or self._live_key == key:
+            return None
+        data = self._state_bytes()
+        self._live_dirty = False
+        if data is None:
+            return None
+        return self._cache.put(self._live_key, self._live_tokens(), data)
+
+    def _restore(self, entry: CacheEntry) -> bool:
+        """Put a saved state in the KV cache (sequence 0); on failure the KV cache is empty and the entry gone."""
+        import llama_cpp
+
+        assert self._cache is not None
+        on_disk = entry.data is None
+        data = self._cache.load(entry)  # bytes from disk are checked (size, header, checksum) first
+        if data is None:
+            return False
+        ctx = self._llm._ctx.ctx
+        size = len(data)
+        done = int(llama_cpp.llama_state_seq_set_data(ctx, (ctypes.c_uint8 * size).from_buffer(data), size, 0))
+        self._live_dirty = False
+        if done != size:
+            _LOGGER.warning("llama.cpp refused a saved prompt state (%s); it is evaluated again", entry.key)
+            self._truncate(0)
+            self._live_key = None
+            self._cache.discard(entry)
+            return False
+        n = len(entry.tokens)
+        self._llm.input_ids[:n] = entry.tokens
+        self._llm.n_tokens = n
+        self._llm._requires_eval = True  # the logits are not the restored prompt's
+        self._live_key = entry.key
+        self._cache.touch(entry)
+        self._cache.restores += 1
+        self._cache.disk_restores += int(on_disk)
+        return True
+
+    def _evaluate(
+        self,
+        tokens: list[int],
+        key: str | None,
+        stop: threading.Event,
+        chunk: int,
+        yield_to: Callable[[], bool] | None = None,
+        *,
+        count: bool = True,
+    ) -> bool:
+        """Make the KV cache hold ``tokens`` (with the last token's logits), evaluating as little as possible.
+
+        The live KV cache or the saved state with the longest common prefix is kept (a saved one is
+        restored when it spares ``MIN_RESTORE_GAIN`` tokens more); the live one is saved first when
+        that would lose a conversation's tokens. At least the last token is evaluated (fresh logits).
+        The rest is evaluated ``chunk`` tokens at a time; False when ``stop`` (or ``yield_to()``)
+        interrupted it between two chunks (what was evaluated stays in the KV cache).
+        """
+        target = np.asarray(tokens, dtype=np.int32)
+        n = len(target)
+        live = common_prefix(self._live_tokens(), target)
+        entry, saved = self._cache.best(target) if self._cache is not None else (None, 0)
+        restore = entry is not None and min(saved, n - 1) >= min(live, n - 1) + MIN_RESTORE_GAIN
+        keep = min(saved if restore else live, n - 1)
+        if self._llm.n_tokens - (0 if restore else keep) >= MIN_SAVE_TOKENS:
+            self._save_live(key)
+        if restore and entry is not None and not self._restore(entry):
+            keep = min(common_prefix(self._live_tokens(), target), n - 1)
+        if self._cache is not None and count:
+            if keep > 0:
+                self._cache.hits += 1
+            else:
+                self._cache.misses += 1
+        if count:
+            self.last_reused_tokens, self.last_evaluated_tokens = keep, n - keep
+        self._truncate(keep)
+        self._live_key = key
+        for first in range(keep, n, max(1, chunk)):
+            if stop.is_set() or (yield_to is not None and yield_to()):
+                return False
+            self._live_dirty = True
+            self._llm.eval(tokens[first : first + chunk])
+        return True
+
+    def prefill(self, request: ChatRequest, stop: threading.Event, yield_to: Callable[[], bool] | None = None) -> int:
+        """Evaluate the static prefix of ``request``'s prompt (``prefix_tokens``; no generation) and keep its state:
+        in memory (as a pinned entry) and, with a cache directory, on disk.
+
+        Stops between two chunks of ``PREFILL_CHUNK`` tokens when ``stop`` is set or ``yield_to()`` is true
+        (a user's request is waiting); what was evaluated stays in the KV cache for that request.
+        Returns the length of the prefix now cached (0 when it was interrupted or does not fit).
+        """
+        tokens = self.prefix_tokens(request)
+        self.last_prefill_tokens = 0
+        if not tokens or len(tokens) + MIN_ANSWER_TOKENS > self.n_ctx:
+            return 0
+        key = prefix_key(np.asarray(tokens, dtype=np.int32))
+        if not self._evaluate(tokens, key, stop, PREFILL_CHUNK, yield_to, count=False):
+            self._live_key = None  # a partial prefix: not worth saving
+            return 0
+        if self._cache is not None:
+            entry = self._cache.get(key)
+            if entry is None or entry.data is None:
+                data = self._state_bytes()
+                entry = self._cache.put(key, np.asarray(tokens, dtype=np.int32), data, pinned=True) if data else None
+            if entry is not None:
+                self._live_dirty = False
+                self._cache.touch(entry)
+                self._cache.persist(entry)
+        self.last_prefill_tokens = len(tokens)
+        return len(tokens)
+
+    def cache_status(self) -> dict[str, Any]:
+        """Saved prompt states for diagnostics: entries and bytes in memory and on disk, hits, misses, and how
+        many prompt tokens the last turn reused and evaluated."""
+        base = self._cache.status() if self._cache is not None else {"entries": 0, "bytes": 0}
+        return {
+            **base,
+            "budget_bytes": self.cache_bytes,
+            "cache_dir": str(self.cache_dir) if self.cache_dir is not None else None,
+            "live_tokens": int(self._llm.n_tokens) if self._llm is not None else 0,
+            "last_prompt_tokens": len(self.last_prompt_tokens),
+            "last_reused_tokens": self.last_reused_tokens,
+            "last_evaluated_tokens": self.last_evaluated_tokens,
+            "last_prefill_tokens": self.last_prefill_tokens,
+        }
+
+    def clear_disk_cache(self) -> int:
+        """Delete the prompt states written to the cache directory; how many files were deleted."""
+        if self._cache is not None and self._cache.store is not None:
+            return self._cache.clear_disk()
+        return delete_cache_dir(self.cache_dir) if self.cache_dir is not None else 0
 
     # -- hearing and seeing through libmtmd ------------------------------------------------
 
@@ -275,8 +515,11 @@ class LlamaBackend(Backend):
                     tokens=n_prompt,
                     n_ctx=self.n_ctx,
                 )
+            self._save_live(None)  # the conversation's KV cache, restored by its next text turn
             llama_cpp.llama_memory_clear(memory, True)
             self._llm.reset()
+            self._live_key, self._live_dirty = None, False
+            self.last_reused_tokens, self.last_evaluated_tokens = 0, n_prompt
             start = self._decode(head_tokens, 0, logits_last=False)
             n_past = llama_cpp.llama_pos(start)
             if mtmd.mtmd_helper_eval_chunks(

@@ -99,6 +99,10 @@ class ModelManager:
         """Return a registered backend."""
         return self._slots[name].backend
 
+    def waiting(self, name: str) -> bool:
+        """Whether a request waits for this backend (a low-priority job then yields to it)."""
+        return bool(getattr(self._slots[name].lock, "_waiters", None))
+
     def has(self, name: str) -> bool:
         """Whether a backend of that name is configured."""
         return name in self._slots

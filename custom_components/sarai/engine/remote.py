@@ -100,6 +100,8 @@ class RemoteInference:
             raise InferenceUnavailable(f"the inference server cannot be reached: {err}") from err
         self.server_kind, self.model = client.kind, client.model
         self.supports_tools = client.supports_tools
+        if "see" in caps and "video" not in caps:
+            caps = {*caps, "video_frames"}  # a few frames of a clip, as image parts
         order = ["chat", "hear", "see", "speak", "video", "video_frames"]
         self.capabilities = [c for c in order if c in caps]
         return self.capabilities

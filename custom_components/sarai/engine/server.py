@@ -867,6 +867,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-id", help="model id in /v1/models (default: the GGUF's file name)")
     parser.add_argument("--max-body-mb", type=int, default=MAX_BODY_BYTES // MB, help="largest request body (MB)")
     parser.add_argument("--warmup", action="store_true", help="load the text model at start")
+    parser.add_argument("--cache-dir", help="keep prefilled prompt states here across restarts")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -893,6 +894,7 @@ async def serve(args: argparse.Namespace, api_key: str | None, stop: asyncio.Eve
         omni_int8=args.omni_int8,
         routing_mode="local",
         request_timeout_s=args.request_timeout,
+        cache_dir=args.cache_dir,
     )
     try:
         engine = SaraiEngine(config)

@@ -14,7 +14,7 @@ TOOL_OPEN = "<tool_call>"
 TOOL_CLOSE = "</tool_call>"
 
 TOOLS_HEADER = (
-    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
 )
 TOOLS_FOOTER = (
@@ -43,17 +43,56 @@ def tool_segments(tools: Iterable[ToolSpec]) -> list[Segment]:
     return [*out, (TOOLS_FOOTER, True)] if out else []
 
 
-def system_segments(system: ChatMessage | None, tools: list[ToolSpec]) -> list[Segment]:
-    """The system turn: the system prompt (plain text) and the tools block, or nothing at all."""
+# Home Assistant appends this sentence to the system prompt when no GetDateTime tool is offered
+# (helpers/llm.py DATE_TIME_PROMPT, after the instructions and the LLM API's prompt; only the extra
+# system prompt comes after it). It changes every second.
+DATE_TIME = re.compile(
+    r"Current time is (?P<time>\d{1,2}:\d{2}(?::\d{2})?)\. Today's date is (?P<date>\d{4}-\d{2}-\d{2})\."
+)
+
+
+def split_system(text: str) -> tuple[str, str]:
+    """(static, dynamic) parts of a system prompt.
+
+    The dynamic part is Home Assistant's date/time sentence and whatever follows it (the extra
+    system prompt); it is rewritten date first, so that only the clock's digits change from one
+    turn to the next. Without that sentence the whole text is static.
+    """
+    matches = list(DATE_TIME.finditer(text))
+    if not matches:
+        return text, ""
+    match = matches[-1]
+    static = text[: match.start()].rstrip()
+    extra = text[match.end() :].strip()
+    clock = f"Today's date is {match['date']}. Current time is {match['time']}."
+    return static, f"{extra}\n{clock}" if extra else clock
+
+
+def system_parts(system: ChatMessage | None, tools: list[ToolSpec]) -> tuple[list[Segment], list[Segment]]:
+    """The system turn as (static prefix, dynamic tail): static first, so that it is a stable prompt prefix.
+
+    Order: the tools block, then the system prompt's static text, then its dynamic part (the
+    date/time sentence, the extra system prompt) and the end of the turn (in the prefix when there
+    is no dynamic part). What the system message and the tools hold is plain text; only SARAi's
+    template is special.
+    """
     block = tool_segments(tools)
     if system is None and not block:
-        return []
-    if system is None:
-        block[0] = (block[0][0].lstrip(), True)
-        body = block
-    else:
-        body = [(system.content, False), *block]
-    return [("<|im_start|>system\n", True), *body, ("<|im_end|>\n", True)]
+        return [], []
+    static, dynamic = split_system(system.content) if system is not None else ("", "")
+    head: list[Segment] = [("<|im_start|>system\n", True), *block]
+    if static:
+        head += [("\n\n", True), (static, False)] if block else [(static, False)]
+    end: list[Segment] = [("<|im_end|>\n", True)]
+    if not dynamic:
+        return head + end, []
+    return head, ([("\n", True)] if len(head) > 1 else []) + [(dynamic, False), *end]
+
+
+def system_segments(system: ChatMessage | None, tools: list[ToolSpec]) -> list[Segment]:
+    """The system turn (see ``system_parts``), or nothing at all."""
+    head, tail = system_parts(system, tools)
+    return head + tail
 
 
 def message_segments(msg: ChatMessage) -> list[Segment]:

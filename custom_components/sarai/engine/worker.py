@@ -87,7 +87,7 @@ class WorkerProcess:
                 for line in fh:
                     if line.startswith("VmRSS:"):
                         return int(line.split()[1]) * 1024
-        except OSError:
+        except OSError:  # pragma: no cover - the child exited between the pid check and the read
             pass
         return 0
 
@@ -181,10 +181,6 @@ class WorkerProcess:
         self.last_exit = proc.returncode
         return True
 
-    def crashed(self) -> bool:
-        """Whether the child exited on its own (the caller fails the turn in flight)."""
-        return self._proc is not None and self._proc.returncode is not None and not self._closed
-
     async def restart(self) -> None:
         """Kill a hung worker; the next ``ensure`` starts a new one."""
         async with self._lock:
@@ -202,7 +198,7 @@ class WorkerProcess:
         except TimeoutError:
             proc.kill()
             await proc.wait()
-        except ProcessLookupError:
+        except ProcessLookupError:  # pragma: no cover - it exited between the returncode check and the signal
             pass
         await self._stop_drain()
 
