@@ -388,6 +388,13 @@ async def test_worker_start_failures(gguf_path: str, hass: HomeAssistant) -> Non
         await slow.ensure()
     with pytest.raises(ValueError):
         RemoteInference(async_get_clientsession(hass))
+    engine = SaraiEngine(
+        EngineConfig(gguf_model=gguf_path, placement="worker", worker_startup_timeout_s=0.01),
+        async_get_clientsession(hass),
+    )
+    await engine.warmup()  # logged, not raised: the first turn tries again
+    assert engine.remote.worker.pid is None
+    await engine.close()
 
 
 async def test_worker_returns_the_servers_own_errors(gguf_path: str, hass: HomeAssistant) -> None:
@@ -412,6 +419,20 @@ async def test_worker_returns_the_servers_own_errors(gguf_path: str, hass: HomeA
         info = engine.remote.as_dict()
         assert info["placement"] == "worker" and info["worker"]["pid"] == pid and "api_key" not in repr(info)
         assert engine.status().rss_mb > 0
+        import numpy as np
+
+        from custom_components.sarai.engine.errors import RemoteAuthError
+        from custom_components.sarai.engine.remote import InferenceUnavailable, RemoteInference
+
+        session = async_get_clientsession(hass)
+        wrong_key = RemoteInference(session, url=engine.remote.worker.base_url, api_key="wrong", capabilities=["hear"])
+        with pytest.raises(RemoteAuthError):
+            await wrong_key.transcribe(np.zeros(16000, np.float32), "es")
+        down = RemoteInference(session, url="http://127.0.0.1:9/v1", capabilities=["hear"])
+        with pytest.raises(InferenceUnavailable):
+            await down.transcribe(np.zeros(16000, np.float32), "es")
+        down.server_kind = "sarai"
+        assert await down.refresh_status() == {}
     finally:
         await engine.close()
     assert await engine.remote.refresh_status() == status  # a stopped worker keeps its last report

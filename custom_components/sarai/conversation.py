@@ -16,6 +16,7 @@ from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
 from . import SaraiConfigEntry
 from .const import CONF_LLM_HASS_API, CONF_PROMPT, CONF_WARMUP, DEFAULT_PROMPT, DOMAIN, LOGGER, SUBENTRY_CONVERSATION
+from .engine import ChatRequest
 from .entity import SaraiLLMEntity
 
 PARALLEL_UPDATES = 0
@@ -62,7 +63,13 @@ class SaraiConversationEntity(conversation.ConversationEntity, SaraiLLMEntity):
         self.entry.async_create_background_task(self.hass, self._prefill(), f"sarai prefill {self.entity_id}")
 
     async def _prefill(self) -> None:
-        """Build this assistant's system prompt and tools exactly as a turn does, and prefill them."""
+        """Prefill this assistant's static prompt (and load the model first)."""
+        if (request := await self.async_static_request()) is not None:
+            await self.engine.warmup(prefill=request)
+
+    async def async_static_request(self) -> ChatRequest | None:
+        """This assistant's system prompt and tools for an empty conversation, built exactly as a turn builds
+        them (None when its LLM API cannot be used now)."""
         user_input = conversation.ConversationInput(
             text="",
             context=Context(),
@@ -79,11 +86,10 @@ class SaraiConversationEntity(conversation.ConversationEntity, SaraiLLMEntity):
             try:
                 await self._provide_llm_data(user_input, chat_log)
             except conversation.ConverseError as err:
-                LOGGER.debug("No prefill for %s: %s", self.entity_id, err)
-                return
+                LOGGER.debug("No static prompt for %s: %s", self.entity_id, err)
+                return None
             request = self.chat_request(chat_log)
-        request = replace(request, messages=[m for m in request.messages if m.role == "system"])
-        await self.engine.warmup(prefill=request)
+        return replace(request, messages=[m for m in request.messages if m.role == "system"])
 
     async def _provide_llm_data(
         self, user_input: conversation.ConversationInput, chat_log: conversation.ChatLog

@@ -18,7 +18,7 @@ import aiohttp
 import numpy as np
 
 from .audio import HEAR_RATE, float_to_pcm16, wav_bytes
-from .errors import EngineError, RemoteError, RequestTimeout, UnsupportedModality
+from .errors import EngineError, RemoteError, RequestTimeout
 from .openai_client import OpenAIClient, encode_jpeg
 from .types import ChatDelta, ChatMessage, ChatRequest
 from .worker import WorkerProcess, WorkerUnavailable
@@ -163,9 +163,7 @@ class RemoteInference:
     async def describe_video(
         self, frames: np.ndarray, fps: float, audio16: np.ndarray | None, prompt: str, max_tokens: int
     ) -> str:
-        """Frames + audio, time-aligned (SARAi's clip extension)."""
-        if self.server_kind != "sarai":
-            raise UnsupportedModality("this server takes no time-aligned clips", capability="video")
+        """Frames + audio, time-aligned (SARAi's clip extension; the engine asks only a server that said "video")."""
         return await self._call(
             "describe_video", lambda c: c.describe_clip(frames, fps, audio16, prompt, max_tokens=max_tokens)
         )
