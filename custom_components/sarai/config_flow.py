@@ -100,7 +100,7 @@ from .engine.errors import (
 )
 from .engine.models import MB, inspect_gguf, inspect_mmproj, inspect_omni, variant_advice
 from .engine.openai_client import OpenAIClient
-from .engine.solar import SolarClient, redact_url, validate_api_key, validate_url
+from .engine.solar import redact_url, validate_api_key, validate_url
 from .requirements import install_llama_cpp, llama_cpp_importable
 
 # The example SOLAR URL is a description placeholder: translation strings may not hold URLs.
@@ -153,50 +153,45 @@ def _server_schema(defaults: Mapping[str, Any]) -> vol.Schema:
     )
 
 
-async def _validate_server(hass: HomeAssistant, url: str, key: str | None) -> tuple[str, str] | None:
-    """(field, error) when the inference server cannot serve SARAi, else None (it must at least chat)."""
+async def _validate_endpoint(
+    hass: HomeAssistant, url: str, key: str | None, url_field: str, key_field: str, *, probe: bool
+) -> tuple[str, str] | None:
+    """(field, error) when an OpenAI-compatible server's URL or key is unusable, else None.
+
+    ``probe``: an inference server, which must say it can chat; otherwise (SOLAR) ``/v1/models`` answering is enough.
+    """
     try:
         url = validate_url(url)
     except InvalidInput:
-        return CONF_SERVER_URL, "invalid_url"
+        return url_field, "invalid_url"
     try:
         key = validate_api_key(key)
     except InvalidInput:
-        return CONF_SERVER_API_KEY, "invalid_api_key"
+        return key_field, "invalid_api_key"
     client = OpenAIClient(async_get_clientsession(hass), url, key, total_timeout=15, read_timeout=15)
     try:
-        capabilities = await client.probe()
+        if probe:
+            capabilities = await client.probe()
+        else:
+            await client.list_models()
+            capabilities = {"chat"}
     except RemoteAuthError:
-        return CONF_SERVER_API_KEY, "invalid_auth"
+        return key_field, "invalid_auth"
     except RemoteProtocolError:
-        return CONF_SERVER_URL, "not_openai"
+        return url_field, "not_openai"
     except RemoteError, EngineError:
-        return CONF_SERVER_URL, "cannot_connect"
-    if "chat" not in capabilities:
-        return CONF_SERVER_URL, "not_openai"
-    return None
+        return url_field, "cannot_connect"
+    return None if "chat" in capabilities else (url_field, "not_openai")
+
+
+async def _validate_server(hass: HomeAssistant, url: str, key: str | None) -> tuple[str, str] | None:
+    """The inference server (placement "server")."""
+    return await _validate_endpoint(hass, url, key, CONF_SERVER_URL, CONF_SERVER_API_KEY, probe=True)
 
 
 async def _validate_solar(hass: HomeAssistant, url: str, key: str | None) -> tuple[str, str] | None:
-    """(field, error) when the SOLAR URL or key is unusable, else None."""
-    try:
-        url = validate_url(url)
-    except InvalidInput:
-        return CONF_SOLAR_URL, "invalid_url"
-    try:
-        key = validate_api_key(key)
-    except InvalidInput:
-        return CONF_SOLAR_API_KEY, "invalid_api_key"
-    client = SolarClient(async_get_clientsession(hass), url, key, total_timeout=15)
-    try:
-        await client.list_models()
-    except RemoteAuthError:
-        return CONF_SOLAR_API_KEY, "invalid_auth"
-    except RemoteProtocolError:
-        return CONF_SOLAR_URL, "not_openai"
-    except RemoteError:
-        return CONF_SOLAR_URL, "cannot_connect"
-    return None
+    """The SOLAR fallback server."""
+    return await _validate_endpoint(hass, url, key, CONF_SOLAR_URL, CONF_SOLAR_API_KEY, probe=False)
 
 
 def _file_error(err: ModelCorrupt, field: str) -> str | None:
