@@ -549,3 +549,28 @@ async def test_install_on_demand_then_entry(
 
     monkeypatch.setattr(requirements, "async_process_requirements", fail)
     assert await requirements.install_llama_cpp(hass) is False
+
+
+async def test_ai_task_structure_that_crashed_in_worker_mode(hass: HomeAssistant, make_entry) -> None:
+    """The AI Task structure that once segfaulted Home Assistant (an empty choice list), in the worker
+    placement: a translated error before anything reaches llama.cpp, the worker keeps running, and the next
+    request answers."""
+    from homeassistant.components import ai_task
+    from homeassistant.exceptions import HomeAssistantError
+    import probatio as vol
+
+    entry = make_entry({"placement": "worker"}, {"llm_hass_api": []})
+    await setup_entry(hass, entry)
+    pid = await _worker_pid(entry)
+    with pytest.raises(HomeAssistantError) as err:
+        await ai_task.async_generate_data(
+            hass,
+            task_name="bad",
+            entity_id="ai_task.sarai_ai_task",
+            instructions="hola",
+            structure=vol.Schema({vol.Required("x"): vol.In([])}),
+        )
+    assert err.value.translation_key == "structure_invalid"
+    assert entry.runtime_data.engine.remote.worker.pid == pid and _alive(pid)
+    assert (await _ask(hass)).response.response_type.value != "error"
+    assert await hass.config_entries.async_unload(entry.entry_id)
