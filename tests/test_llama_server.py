@@ -96,10 +96,11 @@ def _assert_stream(events: list[dict[str, Any]]) -> tuple[str, list[dict[str, An
     chunks = events[:-1]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert len({c["id"] for c in chunks}) == 1
-    # First chunk: the role, content null.
-    assert chunks[0]["choices"] == [
-        {"finish_reason": None, "index": 0, "delta": {"role": "assistant", "content": None}}
-    ]
+    # First chunk: usually the role with content null; with tools and a sampled answer llama-server may start
+    # with the content itself (seen once in ~10 runs): either way, index 0 and no finish reason yet.
+    (first,) = chunks[0]["choices"]
+    assert first["index"] == 0 and first["finish_reason"] is None
+    assert first["delta"].get("role", "assistant") == "assistant"
     content, finish, usage = "", "", None
     calls: list[dict[str, Any]] = []
     for chunk in chunks:
@@ -220,7 +221,9 @@ async def test_qwen_template_parses_tool_call(llama_server_qwen_tools: LlamaServ
     assert calls and calls[0]["index"] == 0 and calls[0]["type"] == "function" and calls[0]["id"]
     assert calls[0]["function"]["name"] == "HassTurnOn"
     # The tools are rendered into the system prompt (>500 tokens for one tool); a random answer is plain text.
-    status, _, events = await _post(server, {"messages": _messages(), "tools": TOOLS, "stream": True, "max_tokens": 8})
+    status, _, events = await _post(
+        server, {"messages": _messages(), "tools": TOOLS, "stream": True, "max_tokens": 8, "temperature": 0}
+    )
     assert status == 200
     _assert_stream(events)
 

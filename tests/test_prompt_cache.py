@@ -159,16 +159,21 @@ async def test_new_conversation_after_prefill(backend: LlamaBackend) -> None:
 
 
 async def test_assist_off_clock_sits_after_the_static_prefix(backend: LlamaBackend) -> None:
-    """Assist API off: Home Assistant puts the clock in the system prompt; only it and the user's words are new."""
+    """Assist API off: Home Assistant puts the clock in the system prompt, after the static prefix. The prefill
+    also keeps the part of the clock sentence that stays the same all day ("Today's date is …. Current time
+    is"): a new conversation evaluates only the time's digits and the user's words."""
     prefill = _req(system=f"{INSTRUCTIONS}\n{_clock('09:00:00')}")
     prefix = backend.prefix_tokens(prefill)
-    backend.prefill(prefill, threading.Event())
+    assert backend.prefill(prefill, threading.Event()) > len(prefix)
     clock = "Today's date is 2026-11-28. Current time is 10:00:01."
     turn = [("<|im_end|>\n<|im_start|>user\n", True), ("hola", False), ("<|im_end|>\n<|im_start|>assistant\n", True)]
     suffix = len(backend.tokenize_segments([("\n", True), (clock, False), *turn]))
     _chat(backend, _req("hola", system=f"{INSTRUCTIONS}\n{_clock()}", cid="A"))
-    assert backend.last_reused_tokens == len(prefix)
-    assert backend.last_evaluated_tokens == suffix  # the clock sentence and the user's turn
+    assert backend.last_reused_tokens > len(prefix)
+    assert backend.last_evaluated_tokens < suffix - 8  # the digits and the user's turn, not the sentence
+    # The next day the date differs: the static prefix is still reused.
+    _chat(backend, _req("hola", system=f"{INSTRUCTIONS}\n{_clock('09:00:00', '2026-11-29')}", cid="C"))
+    assert backend.last_reused_tokens >= len(prefix)
     # A second new conversation seconds later shares the date and most of the time too.
     _chat(backend, _req("hola", system=f"{INSTRUCTIONS}\n{_clock('10:00:09')}", cid="B"))
     assert backend.last_evaluated_tokens < suffix - 40

@@ -27,7 +27,7 @@ from .prompt_cache import (
     prefix_key,
 )
 from .text import sanitize_text
-from .tools import ASSISTANT_OPENER, TOOL_CLOSE, TOOL_OPEN, Segment, message_segments, system_parts
+from .tools import ASSISTANT_OPENER, DAY_PREFIX, TOOL_CLOSE, TOOL_OPEN, Segment, message_segments, system_parts
 from .types import ChatMessage, ChatRequest
 
 _LOGGER = logging.getLogger(__name__)
@@ -219,6 +219,25 @@ class LlamaBackend(Backend):
         if head is None:
             head = split_turns(request.messages)[0]
         return self.tokenize_segments(system_parts(head[0] if head else None, request.tools)[0])
+
+    def day_prefix_tokens(self, request: ChatRequest) -> list[int]:
+        """What a prefill keeps: the static prefix and, when Home Assistant's clock sentence follows it, the
+        sentence up to the time ("Today's date is …. Current time is"), which stays the same all day — so a
+        new conversation evaluates only the time's digits and the user's words. Used only when those tokens
+        are exactly the start of the real prompt's tokens; otherwise the static prefix alone."""
+        head_messages = split_turns(request.messages)[0]
+        system = head_messages[0] if head_messages else None
+        head, tail = system_parts(system, request.tools)
+        static = self.tokenize_segments(head)
+        if not tail or len(tail) < 2 or tail[1][1]:
+            return static
+        dynamic = tail[1][0]
+        match = DAY_PREFIX.match(dynamic)
+        if match is None:
+            return static
+        day = self.tokenize_segments([*head, tail[0], (match.group(0), False)])
+        full = self.tokenize_segments([*head, *tail])
+        return day if full[: len(day)] == day else static
 
     def grammar(self, schema: dict[str, Any]) -> Any:
         """A LlamaGrammar for ``schema``, checked in Python and by llama.cpp's own parser before any sampling."""
@@ -426,7 +445,7 @@ class LlamaBackend(Backend):
         (a user's request is waiting); what was evaluated stays in the KV cache for that request.
         Returns the length of the prefix now cached (0 when it was interrupted or does not fit).
         """
-        tokens = self.prefix_tokens(request)
+        tokens = self.day_prefix_tokens(request)
         self.last_prefill_tokens = 0
         if not tokens or len(tokens) + MIN_ANSWER_TOKENS > self.n_ctx:
             return 0

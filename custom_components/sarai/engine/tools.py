@@ -46,6 +46,8 @@ def tool_segments(tools: Iterable[ToolSpec]) -> list[Segment]:
 # Home Assistant appends this sentence to the system prompt when no GetDateTime tool is offered
 # (helpers/llm.py DATE_TIME_PROMPT, after the instructions and the LLM API's prompt; only the extra
 # system prompt comes after it). It changes every second.
+# The start of the rewritten clock sentence that stays the same all day (what a prefill may keep).
+DAY_PREFIX = re.compile(r"Today's date is \d{4}-\d{2}-\d{2}\. Current time is")
 DATE_TIME = re.compile(
     r"Current time is (?P<time>\d{1,2}:\d{2}(?::\d{2})?)\. Today's date is (?P<date>\d{4}-\d{2}-\d{2})\."
 )
