@@ -24,6 +24,17 @@ def auto_enable_custom_integrations(enable_custom_integrations: None) -> None:
     """Load custom_components/sarai in every test."""
 
 
+@pytest.fixture(autouse=True, scope="session")
+def no_prompt_states_left_behind() -> Iterator[None]:
+    """Prompt states written under the harness's shared test configuration are removed after the session."""
+    import shutil
+
+    from pytest_homeassistant_custom_component.common import get_test_config_dir
+
+    yield
+    shutil.rmtree(get_test_config_dir(".cache", DOMAIN), ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def peak_rss_under_budget() -> Iterator[None]:
     """Whatever a test does, the test process never grows past the default 12 GB budget."""

@@ -574,3 +574,21 @@ async def test_ai_task_structure_that_crashed_in_worker_mode(hass: HomeAssistant
     assert entry.runtime_data.engine.remote.worker.pid == pid and _alive(pid)
     assert (await _ask(hass)).response.response_type.value != "error"
     assert await hass.config_entries.async_unload(entry.entry_id)
+
+
+async def test_worker_prefills_the_assistants_prompt(hass: HomeAssistant, make_entry) -> None:
+    """With warm-up on, the worker placement gets the assistant's static prompt and prefills it in its own engine
+    (SARAi's /v1/sarai/prefill); a server that is not SARAi's gets nothing."""
+    entry = make_entry({"placement": "worker"}, {"warmup": True, "llm_hass_api": ["assist"], "max_tokens": 8})
+    await setup_entry(hass, entry)
+    await hass.async_block_till_done(wait_background_tasks=True)
+    remote = entry.runtime_data.engine.remote
+    assert remote.worker.alive and remote.requests >= 1  # the prefill went to the worker
+    from homeassistant.components.conversation.const import DATA_COMPONENT
+
+    request = await hass.data[DATA_COMPONENT].get_entity("conversation.sarai").async_static_request()
+    assert await remote.prefill(request) > 100
+    remote.server_kind = "llama.cpp"
+    assert await remote.prefill(request) == 0
+    remote.server_kind = "sarai"
+    assert await hass.config_entries.async_remove(entry.entry_id)  # also deletes the prompt states

@@ -3,7 +3,6 @@ kept on disk), so a new conversation evaluates only the user's words; removing S
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from homeassistant.components import conversation
@@ -64,5 +63,4 @@ async def test_prefill_follows_exposed_entities(hass: HomeAssistant, make_entry)
     async_fire_time_changed(hass, dt_util.utcnow() + timedelta(seconds=11))
     await hass.async_block_till_done(wait_background_tasks=True)
     assert text.last_prefill_tokens > before
-    assert await hass.config_entries.async_unload(entry.entry_id)
-    os.environ.pop("SARAI_UNUSED", None)
+    assert await hass.config_entries.async_remove(entry.entry_id)  # also deletes the prompt states

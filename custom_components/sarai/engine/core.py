@@ -286,6 +286,8 @@ class SaraiEngine:
         """
         if self.remote is not None:
             await self.remote.warmup()
+            if prefill is not None:
+                await self.remote.prefill(prefill)
             return
         async with self._prefill_lock:  # one warm-up job at a time: a job never counts as a waiting user
             await self.manager.warmup([TEXT])
@@ -298,7 +300,8 @@ class SaraiEngine:
         A low-priority job: skipped when the text model is not loaded or a request waits for it, and
         stopped between two small chunks as soon as one does (what was evaluated stays in the KV cache
         for it). No timeout: it yields instead. Errors are logged, not raised. Returns the tokens of the
-        prefix now cached (0: skipped, interrupted or failed). Placements "worker" and "server": 0.
+        prefix now cached (0: skipped, interrupted or failed). Placements "worker" and "server": 0 here;
+        ``warmup(prefill=...)`` sends the prompt to a SARAi server, which prefills it in its own engine.
         """
         if self.remote is not None or not self.text.loaded:
             return 0

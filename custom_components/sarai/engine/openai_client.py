@@ -533,6 +533,14 @@ class OpenAIClient:
             raise RemoteProtocolError(f"{self.label} status is not an object")
         return data
 
+    async def prefill(self, request: ChatRequest) -> int:
+        """POST /v1/sarai/prefill of a SARAi server: evaluate the request's static prefix there; tokens cached."""
+        payload = {**self._payload(request, None, None), "stream": False}
+        data = await self._request_json("POST", f"{self.base_url}/sarai/prefill", payload, wait_s=self._total)
+        if not isinstance(data, dict) or not isinstance(data.get("tokens"), int):
+            raise RemoteProtocolError(f"{self.label} prefill answer has no token count")
+        return int(data["tokens"])
+
     # -- chat ------------------------------------------------------------------------------------
 
     def _payload(

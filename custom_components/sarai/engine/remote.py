@@ -194,6 +194,16 @@ class RemoteInference:
             _LOGGER.debug("status of the %s failed: %s", self.placement, err)
         return self.last_status
 
+    async def prefill(self, request: ChatRequest) -> int:
+        """Prefill an assistant's static prompt in the SARAi server (worker or add-on); 0 for other servers."""
+        if self.server_kind != "sarai":
+            return 0
+        try:
+            return int(await self._call("prefill", lambda c: c.prefill(request)))
+        except EngineError as err:
+            _LOGGER.warning("Prefill in the %s failed: %s", self.placement, err)
+            return 0
+
     async def warmup(self) -> None:
         """Start the worker (and let it load its text model) ahead of the first turn."""
         if self.worker is not None:

@@ -704,6 +704,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await respond_chat(request, deltas, call.stream, request.app[MODEL_ID])
 
 
+async def sarai_prefill(request: web.Request) -> web.Response:
+    """POST /v1/sarai/prefill: load the text model and evaluate a chat request's static prefix (its system
+    message and tools) ahead of the first turn; nothing is generated. Answers how many tokens are cached."""
+    call = parse_chat(await read_json(request))
+    engine = request.app[ENGINE]
+    await engine.warmup(prefill=call.request)
+    cached = engine.text.last_prefill_tokens if engine.remote is None else 0
+    return web.json_response({"object": "sarai.prefill", "tokens": cached})
+
+
 async def audio_speech(request: web.Request) -> web.StreamResponse:
     """POST /v1/audio/speech: WAV or PCM, streamed sentence by sentence."""
     body = await read_json(request)
@@ -840,6 +850,7 @@ def create_app(
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/audio/speech", audio_speech)
     app.router.add_post("/v1/sarai/clip", sarai_clip)
+    app.router.add_post("/v1/sarai/prefill", sarai_prefill)
     return app
 
 
