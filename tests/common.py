@@ -83,3 +83,20 @@ async def start_flow(hass: HomeAssistant, placement: str = "in_process") -> Any:
     menu = await hass.config_entries.flow.async_init(DOMAIN, context={"source": config_entries.SOURCE_USER})
     assert menu["type"] == "menu", menu
     return await hass.config_entries.flow.async_configure(menu["flow_id"], {"next_step_id": placement})
+
+
+def add_camera_analysis(
+    hass: HomeAssistant, entry: Any, title: str = "Front door", prompt: str = "¿Hay alguien?"
+) -> None:
+    """Add a camera analysis sub-entry for camera.front_door (on demand) to an entry not yet set up."""
+    from homeassistant.config_entries import ConfigSubentry
+
+    hass.config_entries.async_add_subentry(
+        entry,
+        ConfigSubentry(
+            data={"camera_entity": "camera.front_door", "prompt": prompt, "scan_interval_minutes": 0},
+            subentry_type="camera",
+            title=title,
+            unique_id=None,
+        ),
+    )

@@ -16,7 +16,7 @@ from typing import Any
 
 from homeassistant.components import ai_task, stt
 from homeassistant.components.conversation import Attachment
-from homeassistant.config_entries import ConfigEntryState, ConfigSubentry, ConfigSubentryData
+from homeassistant.config_entries import ConfigEntryState
 from homeassistant.const import STATE_UNAVAILABLE
 from homeassistant.core import HomeAssistant
 from homeassistant.data_entry_flow import FlowResultType
@@ -47,7 +47,7 @@ from custom_components.sarai.engine.omni_backend import (
     load_image,
 )
 from custom_components.sarai.errors import to_ha_error
-from tests.common import setup_entry as _setup, start_flow
+from tests.common import add_camera_analysis, setup_entry as _setup, start_flow
 
 pytestmark = [pytest.mark.usefixtures("ha_core"), pytest.mark.timeout(240)]
 
@@ -583,17 +583,7 @@ async def test_camera_analysis_extreme_images_errors_and_availability(
     data = {"mmproj_model": mmproj_path} if model == "mmproj" else {"omni_model": omni_path}
     entry = make_entry(data)
     entry.add_to_hass(hass)
-    hass.config_entries.async_add_subentry(
-        entry,
-        ConfigSubentry(
-            **ConfigSubentryData(
-                data={"camera_entity": "camera.front_door", "prompt": "¿Hay alguien?", "scan_interval_minutes": 0},
-                subentry_type="camera",
-                title="Door",
-                unique_id=None,
-            )
-        ),
-    )
+    add_camera_analysis(hass, entry, "Door")
     assert await hass.config_entries.async_setup(entry.entry_id)
     await hass.async_block_till_done()
     entity_id = await _entity_id(hass, "image_processing")

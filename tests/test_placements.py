@@ -23,7 +23,7 @@ import pytest
 from custom_components.sarai.const import DOMAIN
 from custom_components.sarai.engine import ChatMessage, ChatRequest, EngineConfig, SaraiEngine
 from custom_components.sarai.engine.worker import WorkerUnavailable
-from tests.common import chunked, setup_entry, speech_metadata, start_flow, tone_wav
+from tests.common import add_camera_analysis, chunked, setup_entry, speech_metadata, start_flow, tone_wav
 
 pytestmark = pytest.mark.usefixtures("ha_core", "socket_enabled")
 
@@ -299,7 +299,6 @@ async def test_llama_server_placement(
     """Debian's real llama-server (tiny GGUF + tiny mmproj) as the inference server: the probe finds hearing and
     seeing but no speech; conversation, speech-to-text and a camera analysis run through Home Assistant; there
     is no TTS entity and a repair says why."""
-    from homeassistant.config_entries import ConfigSubentry
 
     entry = make_entry(
         {
@@ -311,15 +310,7 @@ async def test_llama_server_placement(
         {"llm_hass_api": []},
     )
     entry.add_to_hass(hass)
-    hass.config_entries.async_add_subentry(
-        entry,
-        ConfigSubentry(
-            data={"camera_entity": "camera.front_door", "prompt": "¿Hay alguien?", "scan_interval_minutes": 0},
-            subentry_type="camera",
-            title="Front door",
-            unique_id=None,
-        ),
-    )
+    add_camera_analysis(hass, entry)
     assert await hass.config_entries.async_setup(entry.entry_id)
     await hass.async_block_till_done()
     engine = entry.runtime_data.engine

@@ -194,6 +194,14 @@ async def _validate_solar(hass: HomeAssistant, url: str, key: str | None) -> tup
     return await _validate_endpoint(hass, url, key, CONF_SOLAR_URL, CONF_SOLAR_API_KEY, probe=False)
 
 
+async def _validate_server_form(hass: HomeAssistant, data: Mapping[str, Any]) -> dict[str, str]:
+    """The server placement's form: the inference server, then the optional SOLAR server."""
+    problem = await _validate_server(hass, data[CONF_SERVER_URL], data.get(CONF_SERVER_API_KEY))
+    if problem is None and (url := data.get(CONF_SOLAR_URL)):
+        problem = await _validate_solar(hass, url, data.get(CONF_SOLAR_API_KEY))
+    return {problem[0]: problem[1]} if problem is not None else {}
+
+
 def _file_error(err: ModelCorrupt, field: str) -> str | None:
     """The form error for a path that is not a regular file, or a model file cut short."""
     if err.translation_key == "file_not_regular":
@@ -342,12 +350,8 @@ class SaraiConfigFlow(ConfigFlow, domain=DOMAIN):
         errors: dict[str, str] = {}
         if user_input is not None:
             data = _clean(user_input)
-            problem = await _validate_server(self.hass, data[CONF_SERVER_URL], data.get(CONF_SERVER_API_KEY))
-            if problem is None and (url := data.get(CONF_SOLAR_URL)):
-                problem = await _validate_solar(self.hass, url, data.get(CONF_SOLAR_API_KEY))
-            if problem is not None:
-                errors[problem[0]] = problem[1]
-            else:
+            errors = await _validate_server_form(self.hass, data)
+            if not errors:
                 return self._create({**data, CONF_PLACEMENT: PLACEMENT_SERVER})
         return self.async_show_form(
             step_id="server",
@@ -408,12 +412,7 @@ class SaraiConfigFlow(ConfigFlow, domain=DOMAIN):
         errors: dict[str, str] = {}
         if user_input is not None:
             if placement == PLACEMENT_SERVER:
-                data = _clean(user_input)
-                problem = await _validate_server(self.hass, data[CONF_SERVER_URL], data.get(CONF_SERVER_API_KEY))
-                if problem is None and (url := data.get(CONF_SOLAR_URL)):
-                    problem = await _validate_solar(self.hass, url, data.get(CONF_SOLAR_API_KEY))
-                if problem is not None:
-                    errors[problem[0]] = problem[1]
+                errors = await _validate_server_form(self.hass, _clean(user_input))
             else:
                 errors, _ = await validate_input(self.hass, user_input)
             if not errors:
