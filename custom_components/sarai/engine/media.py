@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+import io
 import math
 import time
 from typing import Any
@@ -160,27 +161,57 @@ def prepare_clip(
     timeout_s: float = 15.0,
 ) -> Clip:
     """Read ``duration_s`` seconds from a file or live URL into frames at ``fps`` and 16 kHz audio."""
-    import av
 
     validate_request(duration_s, fps)
     deadline = time.monotonic() + timeout_s + duration_s
     name = source_name(source)
     with open_source(source, timeout_s) as container:
-        if not container.streams.video:
-            raise InvalidInput("the clip has no video stream", key="video_no_stream", source=name)
-        vstream = container.streams.video[0]
-        vstream.thread_type = "AUTO"
-        astream = container.streams.audio[0] if (with_audio and container.streams.audio) else None
-        warnings: list[str] = []
-        if with_audio and astream is None:
-            warnings.append("no audio track: analysed the video only")
-        try:
-            return _read(container, vstream, astream, duration_s, fps, max_pixels, deadline, warnings, name)
-        except (av.error.ExitError, av.error.FFmpegError) as err:
-            detail = str(err).replace(source, name)
-            if "timed out" in detail.lower() or isinstance(err, av.error.ExitError):
-                raise MediaUnavailable(f"the stream stopped answering: {detail}", reason="timeout") from err
-            raise InvalidInput(f"cannot decode the clip: {detail}", key="video_invalid", source=name) from err
+        return _clip(container, source, name, duration_s, fps, with_audio, max_pixels, deadline)
+
+
+def prepare_clip_bytes(data: bytes, fps: float, with_audio: bool, max_pixels: int = 448 * 448) -> Clip:
+    """A clip from video bytes in memory (nothing on disk): the first ``MAX_DURATION_S`` seconds, frames at
+    ``fps`` and 16 kHz audio; ordinary video containers only (as for local files)."""
+    import av
+
+    validate_request(MAX_DURATION_S, fps)
+    name = "video_url"
+    try:
+        container = av.open(io.BytesIO(data), options={"format_whitelist": LOCAL_FORMATS})
+    except (av.error.FFmpegError, OSError, ValueError) as err:
+        raise InvalidInput(f"not a video: {err}", key="video_invalid", source=name) from err
+    with container:
+        return _clip(container, name, name, MAX_DURATION_S, fps, with_audio, max_pixels, time.monotonic() + 120)
+
+
+def _clip(
+    container: Any,
+    source: str,
+    name: str,
+    duration_s: float,
+    fps: float,
+    with_audio: bool,
+    max_pixels: int,
+    deadline: float,
+) -> Clip:
+    """The clip from an open container; errors name the source by ``name`` only (no URL, no credentials)."""
+    import av
+
+    if not container.streams.video:
+        raise InvalidInput("the clip has no video stream", key="video_no_stream", source=name)
+    vstream = container.streams.video[0]
+    vstream.thread_type = "AUTO"
+    astream = container.streams.audio[0] if (with_audio and container.streams.audio) else None
+    warnings: list[str] = []
+    if with_audio and astream is None:
+        warnings.append("no audio track: analysed the video only")
+    try:
+        return _read(container, vstream, astream, duration_s, fps, max_pixels, deadline, warnings, name)
+    except (av.error.ExitError, av.error.FFmpegError) as err:
+        detail = str(err).replace(source, name)
+        if "timed out" in detail.lower() or isinstance(err, av.error.ExitError):
+            raise MediaUnavailable(f"the stream stopped answering: {detail}", reason="timeout") from err
+        raise InvalidInput(f"cannot decode the clip: {detail}", key="video_invalid", source=name) from err
 
 
 def _read(

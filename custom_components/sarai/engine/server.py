@@ -74,7 +74,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import contextlib
 from dataclasses import dataclass, field
 import hmac
-import io
 import itertools
 import json
 import logging
@@ -94,7 +93,7 @@ import numpy as np
 from . import audio as audio_mod
 from .core import TEXT, EngineConfig, SaraiEngine
 from .errors import EngineError, InvalidInput, RemoteAuthError, UnsupportedModality
-from .media import LOCAL_FORMATS, MAX_DURATION_S, MAX_FPS, Clip, validate_request
+from .media import MAX_DURATION_S, MAX_FPS, prepare_clip_bytes, validate_request
 from .openai_client import error_body, error_status, validate_api_key
 from .text import split_sentences
 from .types import ChatDelta, ChatMessage, ChatRequest, ToolCall, ToolSpec
@@ -500,36 +499,6 @@ def parse_chat(body: dict[str, Any]) -> ChatCall:
 # -- media work ----------------------------------------------------------------------------------------
 
 
-def clip_from_bytes(data: bytes, fps: float, with_audio: bool, max_pixels: int = 448 * 448) -> Clip:
-    """A clip from video bytes in memory (nothing on disk): frames sampled at ``fps`` and 16 kHz audio.
-
-    The first ``MAX_DURATION_S`` seconds; ordinary video containers only (as for local files).
-    """
-    import av
-
-    from .media import _read
-
-    source = "video_url"
-    validate_request(MAX_DURATION_S, fps)
-    try:
-        container = av.open(io.BytesIO(data), options={"format_whitelist": LOCAL_FORMATS})
-    except (av.error.FFmpegError, OSError, ValueError) as err:
-        raise bad(f"not a video: {err}", key="video_invalid", source=source) from err
-    with container:
-        if not container.streams.video:
-            raise bad("the clip has no video stream", key="video_no_stream", source=source)
-        vstream = container.streams.video[0]
-        vstream.thread_type = "AUTO"
-        astream = container.streams.audio[0] if (with_audio and container.streams.audio) else None
-        warnings: list[str] = []
-        try:
-            return _read(
-                container, vstream, astream, MAX_DURATION_S, fps, max_pixels, time.monotonic() + 120, warnings, source
-            )
-        except av.error.FFmpegError as err:
-            raise bad(f"cannot decode the clip: {err}", key="video_invalid", source=source) from err
-
-
 def decode_frames(jpegs: list[bytes]) -> np.ndarray:
     """JPEG frames -> (T, H, W, 3) uint8, decoded safely; every frame must have the same size."""
     from .omni_backend import load_image
@@ -582,7 +551,7 @@ async def answer_media(engine: SaraiEngine, call: ChatCall) -> str:
             return await engine.transcribe(part.samples, part.rate, call.language)
         return await hear_and_answer(engine, part, prompt, call)
     require_video(engine)
-    clip = await asyncio.to_thread(clip_from_bytes, part.data, call.fps, call.use_audio_in_video)
+    clip = await asyncio.to_thread(prepare_clip_bytes, part.data, call.fps, call.use_audio_in_video)
     return await engine.describe_video(clip.frames, clip.fps, clip.audio, prompt or DEFAULT_VIDEO_PROMPT, max_tokens)
 
 
