@@ -539,7 +539,8 @@ async def test_install_on_demand_then_entry(
         raise RequirementsNotFound(DOMAIN, ["llama-cpp-python==0.3.36"])
 
     monkeypatch.setattr(requirements, "async_process_requirements", fail)
-    assert await requirements.install_llama_cpp(hass) is False
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    assert await requirements.install_requirements(hass, ["llama-cpp-python==0.3.36"]) == ["llama-cpp-python==0.3.36"]
 
 
 async def test_ai_task_structure_that_crashed_in_worker_mode(hass: HomeAssistant, make_entry) -> None:

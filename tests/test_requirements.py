@@ -64,3 +64,38 @@ def test_hacs_minimum_is_true() -> None:
     (ai_task, config sub-entries and the probatio tool schemas SARAi uses)."""
     minimum = Version(json.loads((ROOT / "hacs.json").read_text())["homeassistant"])
     assert Version("2026.10.0") <= minimum <= Version(HA_VERSION)
+
+
+def test_on_demand_requirements_are_the_tested_pins() -> None:
+    """What the config flow installs on demand (llama-cpp-python; torch, torchvision and transformers for an
+    Omni checkpoint) is pinned to the versions the tests run with and the add-on ships, and Home Assistant
+    pins none of them (its constraints would make the install fail)."""
+    from custom_components.sarai.const import LLAMA_CPP_REQUIREMENT, OMNI_REQUIREMENTS
+
+    tested = _pins(ROOT / "requirements_test.txt")
+    addon = _pins(ROOT / "sarai_engine/requirements_torch.txt") | _pins(ROOT / "sarai_engine/requirements_omni.txt")
+    for line in (LLAMA_CPP_REQUIREMENT, *OMNI_REQUIREMENTS):
+        req = Requirement(line)
+        name = req.name.lower()
+        assert [s.operator for s in req.specifier] == ["=="], line
+        assert tested[name] == next(iter(req.specifier)).version, line
+        if name != "llama-cpp-python":
+            assert addon[name] == tested[name], line
+        for release in CONSTRAINTS:
+            assert name not in _pins(CONSTRAINTS[release]), (line, release)
+    assert {Requirement(r).name for r in OMNI_REQUIREMENTS} == {"torch", "torchvision", "transformers"}
+
+
+def test_a_module_without_a_spec_counts_as_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module object in ``sys.modules`` that says nothing about where it came from (a stub) is not taken for
+    an installed package."""
+    import sys
+    import types
+
+    from custom_components.sarai.requirements import missing_requirements
+
+    stub = types.ModuleType("transformers")
+    stub.__spec__ = None
+    monkeypatch.setitem(sys.modules, "transformers", stub)
+    assert missing_requirements(omni=True) == ["transformers==5.24.0"]
+    assert missing_requirements(omni=False) == []

@@ -59,7 +59,7 @@ from .engine import EngineConfig, SaraiEngine
 from .engine.errors import DependencyMissing, ModelCorrupt, ModelMissing
 from .engine.prompt_cache import delete_cache_dir
 from .engine.remote import InferenceUnavailable
-from .requirements import install_llama_cpp, llama_cpp_importable
+from .requirements import install_requirements, missing_requirements
 from .services import async_setup_services
 
 PLATFORMS = [Platform.AI_TASK, Platform.CONVERSATION, Platform.SENSOR, Platform.STT, Platform.TTS]
@@ -116,8 +116,10 @@ async def async_setup_entry(hass: HomeAssistant, entry: SaraiConfigEntry) -> boo
 
     config = engine_config(entry, prompt_cache_dir(hass, entry))
     session = async_get_clientsession(hass)
-    if config.placement != PLACEMENT_SERVER and not await hass.async_add_executor_job(llama_cpp_importable):
-        await install_llama_cpp(hass)  # Home Assistant's requirements machinery; a failure is reported below
+    if config.placement != PLACEMENT_SERVER and (
+        missing := await hass.async_add_executor_job(missing_requirements, bool(config.omni_model))
+    ):  # installed once more (Home Assistant's requirements machinery); what still fails is reported below
+        await install_requirements(hass, missing)
     try:
         engine = await hass.async_add_executor_job(SaraiEngine, config, session, _auth_failed)
         await engine.async_start()

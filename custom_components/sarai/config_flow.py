@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from homeassistant.config_entries import (
+    SOURCE_RECONFIGURE,
     ConfigEntry,
     ConfigEntryState,
     ConfigFlow,
@@ -78,7 +79,9 @@ from .const import (
     DEFAULT_VOICE,
     DEFAULT_WARMUP,
     DOMAIN,
+    LLAMA_CPP_REQUIREMENT,
     MIN_SCAN_INTERVAL_MINUTES,
+    OMNI_REQUIREMENTS,
     PLACEMENT_IN_PROCESS,
     PLACEMENT_SERVER,
     PLACEMENT_WORKER,
@@ -101,7 +104,7 @@ from .engine.errors import (
 from .engine.models import MB, inspect_gguf, inspect_mmproj, inspect_omni, variant_advice
 from .engine.openai_client import OpenAIClient
 from .engine.solar import redact_url, validate_api_key, validate_url
-from .requirements import install_llama_cpp, llama_cpp_importable
+from .requirements import install_requirements, missing_requirements, package_names
 
 # The example SOLAR URL is a description placeholder: translation strings may not hold URLs.
 URL_EXAMPLE = {"url_example": "http://192.168.1.20:8080/v1"}
@@ -271,7 +274,8 @@ class SaraiConfigFlow(ConfigFlow, domain=DOMAIN):
     def __init__(self) -> None:
         """Nothing chosen yet."""
         self._pending: dict[str, Any] = {}
-        self._install_task: asyncio.Task[bool] | None = None
+        self._missing: list[str] = []
+        self._install_task: asyncio.Task[list[str]] | None = None
         self._discovered: dict[str, Any] = {}
 
     def _create(self, data: dict[str, Any]) -> ConfigFlowResult:
@@ -315,9 +319,7 @@ class SaraiConfigFlow(ConfigFlow, domain=DOMAIN):
             errors, _ = await validate_input(self.hass, user_input)
             if not errors:
                 self._pending = {**_clean(user_input), CONF_PLACEMENT: placement}
-                if not await self.hass.async_add_executor_job(llama_cpp_importable):
-                    return await self.async_step_install()
-                return self._create(self._pending)
+                return await self._async_install_or_finish()
         return self.async_show_form(
             step_id=placement,
             data_schema=_user_schema(user_input or {}),
@@ -325,25 +327,46 @@ class SaraiConfigFlow(ConfigFlow, domain=DOMAIN):
             description_placeholders=URL_EXAMPLE,
         )
 
+    async def _async_install_or_finish(self) -> ConfigFlowResult:
+        """Install what the model files need and is missing (llama-cpp-python; torch, torchvision and
+        transformers for an Omni checkpoint), then create or update the entry."""
+        omni = bool(self._pending.get(CONF_OMNI_MODEL))
+        self._missing = await self.hass.async_add_executor_job(missing_requirements, omni)
+        if self._missing:
+            self._install_task = None
+            return await self.async_step_install()
+        return await self.async_step_finish()
+
     async def async_step_install(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
-        """llama-cpp-python is installed on demand (it compiles for minutes where no wheel exists)."""
+        """The packages are installed on demand (llama-cpp-python compiles for minutes where no wheel exists;
+        PyTorch is a download of several hundred MB)."""
         if self._install_task is None:
-            self._install_task = self.hass.async_create_task(install_llama_cpp(self.hass), eager_start=False)
-        if not self._install_task.done():
-            return self.async_show_progress(
-                step_id="install", progress_action="install_llama_cpp", progress_task=self._install_task
+            self._install_task = self.hass.async_create_task(
+                install_requirements(self.hass, self._missing), eager_start=False
             )
-        installed = not self._install_task.cancelled() and self._install_task.exception() is None
-        installed = installed and self._install_task.result()
-        return self.async_show_progress_done(next_step_id="finish" if installed else "install_failed")
+        if not self._install_task.done():
+            omni = any(req in OMNI_REQUIREMENTS for req in self._missing)
+            return self.async_show_progress(
+                step_id="install",
+                progress_action="install_omni" if omni else "install_llama_cpp",
+                progress_task=self._install_task,
+                description_placeholders={"packages": package_names(self._missing)},
+            )
+        failed = self._install_task.cancelled() or self._install_task.exception() is not None
+        self._missing = list(self._missing) if failed else self._install_task.result()
+        return self.async_show_progress_done(next_step_id="install_failed" if self._missing else "finish")
 
     async def async_step_finish(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
-        """Installed: create the entry."""
+        """Everything is installed: create the entry (or, reconfiguring, update it)."""
+        if self.source == SOURCE_RECONFIGURE:
+            return self.async_update_and_abort(self._get_reconfigure_entry(), data=self._pending)
         return self._create(self._pending)
 
     async def async_step_install_failed(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
-        """The install cannot work here (no compiler, musl): point to the server placement and the add-on."""
-        return self.async_abort(reason="install_failed")
+        """The install cannot work here (no compiler; musl, where PyTorch has no packages): point to the server
+        placement and the add-on (without the Omni checkpoint, the GGUF files still run here)."""
+        reason = "install_failed" if LLAMA_CPP_REQUIREMENT in self._missing else "install_omni_failed"
+        return self.async_abort(reason=reason, description_placeholders={"packages": package_names(self._missing)})
 
     async def async_step_server(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
         """An OpenAI-compatible inference server: SARAi's engine server (add-on), llama-server or vLLM."""
@@ -416,7 +439,10 @@ class SaraiConfigFlow(ConfigFlow, domain=DOMAIN):
             else:
                 errors, _ = await validate_input(self.hass, user_input)
             if not errors:
-                return self.async_update_and_abort(entry, data={**_clean(user_input), CONF_PLACEMENT: placement})
+                self._pending = {**_clean(user_input), CONF_PLACEMENT: placement}
+                if placement == PLACEMENT_SERVER:
+                    return await self.async_step_finish()
+                return await self._async_install_or_finish()
         schema = _server_schema if placement == PLACEMENT_SERVER else _user_schema
         return self.async_show_form(
             step_id="reconfigure",

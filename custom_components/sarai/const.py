@@ -27,6 +27,12 @@ PLACEMENTS = (PLACEMENT_WORKER, PLACEMENT_IN_PROCESS, PLACEMENT_SERVER)
 # Installed on demand for the in_process and worker placements (not in manifest.json: it is a source
 # package that cannot build on Home Assistant OS / Container, where the server placement is the way).
 LLAMA_CPP_REQUIREMENT = "llama-cpp-python==0.3.36"
+# Installed on demand too when an Omni checkpoint (omni_model) is configured for those placements: PyTorch is
+# large and has no musl wheels, so it is never in manifest.json. Pinned to the versions the project tests
+# (requirements_test.txt, the add-on's requirements_torch.txt / requirements_omni.txt; a test checks them):
+# the Omni API SARAi uses changes between transformers releases, and torchvision must match torch (the
+# Qwen2.5-Omni processor's video part imports it). Home Assistant pins none of them.
+OMNI_REQUIREMENTS = ("torch==2.15.0", "torchvision==0.29.2", "transformers==5.24.0")
 
 CONF_PROMPT = "prompt"
 CONF_TEMPERATURE = "temperature"

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 import importlib
+import importlib.util
 import logging
 import os
 import threading
@@ -49,15 +50,21 @@ TEXT = "text"
 OMNI = "omni"
 
 
-PACKAGE_NAMES = {"llama_cpp": "llama-cpp-python", "torch": "torch", "transformers": "transformers"}
+PACKAGE_NAMES = {"llama_cpp": "llama-cpp-python"}  # a module's package, where the names differ
+# What the Omni checkpoint needs (torchvision: the Qwen2.5-Omni processor's video part imports it).
+OMNI_MODULES = ["torch", "torchvision", "transformers"]
 
 
-def require_packages(modules: list[str]) -> None:
+def require_packages(modules: list[str], *, load: bool = True) -> None:
     """Import each module once (cheap when already imported); a missing one is DependencyMissing, at setup
-    rather than as an ImportError at the first turn."""
+    rather than as an ImportError at the first turn. ``load=False`` only finds them: the worker placement
+    keeps native code (libllama, torch) out of this process."""
     for module in modules:
         try:
-            importlib.import_module(module)
+            if load:
+                importlib.import_module(module)
+            elif importlib.util.find_spec(module) is None:
+                raise ImportError(module)
         except ImportError as err:
             raise DependencyMissing(PACKAGE_NAMES.get(module, module)) from err
 
@@ -191,7 +198,8 @@ class SaraiEngine:
         else:
             if not config.gguf_model:
                 raise ModelMissing("no text GGUF is configured", path="")
-            require_packages(["llama_cpp"] + (["torch", "transformers"] if config.omni_model else []))
+            modules = ["llama_cpp"] + (OMNI_MODULES if config.omni_model else [])
+            require_packages(modules, load=config.placement != WORKER)
             threads = config.n_threads or physical_cores()
             self.text = LlamaBackend(
                 TEXT, config.gguf_model, config.n_ctx, threads, config.mmproj_model, cache_dir=config.cache_dir

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from fractions import Fraction
 import io
 import math
 import time
@@ -182,6 +183,42 @@ def prepare_clip_bytes(data: bytes, fps: float, with_audio: bool, max_pixels: in
         raise InvalidInput(f"not a video: {err}", key="video_invalid", source=name) from err
     with container:
         return _clip(container, name, name, MAX_DURATION_S, fps, with_audio, max_pixels, time.monotonic() + 120)
+
+
+def encode_mp4(frames: np.ndarray, fps: float, audio16: np.ndarray | None = None) -> bytes:
+    """Prepared frames (T, H, W, 3 uint8, at ``fps``) and 16 kHz mono audio as one small MP4 in memory:
+    H.264 (MPEG-4 Part 2 where PyAV has no libx264) + AAC. For servers that take a whole clip (vLLM's
+    ``video_url``): the clip is already cut to its duration, sampled and scaled down, and a live stream's
+    packets never reach the server as they came."""
+    import av
+
+    if frames.ndim != 4 or frames.shape[0] == 0 or frames.shape[3] != 3 or min(frames.shape[1:3]) < 2:
+        raise InvalidInput("a clip needs RGB frames", key="video_invalid", source="frames")
+    frames = frames[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]  # yuv420p: even sides
+    height, width = frames.shape[1:3]
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        video: Any = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))  # codec named at run time
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        if codec == "libx264":
+            video.options = {"preset": "ultrafast"}
+        sound = out.add_stream("aac", rate=HEAR_RATE, layout="mono") if audio16 is not None and audio16.size else None
+        for index, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb, dtype=np.uint8), format="rgb24")
+            frame.pts = index
+            out.mux(video.encode(frame))
+        out.mux(video.encode())
+        if sound is not None and audio16 is not None:
+            samples = np.clip(np.asarray(audio16, dtype=np.float32), -1.0, 1.0)
+            for start in range(0, samples.size, 1024):
+                chunk = av.AudioFrame.from_ndarray(
+                    samples[start : start + 1024].reshape(1, -1), format="flt", layout="mono"
+                )
+                chunk.sample_rate, chunk.pts = HEAR_RATE, start
+                out.mux(sound.encode(chunk))
+            out.mux(sound.encode())
+    return buf.getvalue()
 
 
 def _clip(

@@ -19,6 +19,7 @@ import numpy as np
 
 from .audio import HEAR_RATE, float_to_pcm16, wav_bytes
 from .errors import EngineError, RemoteError, RequestTimeout
+from .media import encode_mp4
 from .openai_client import OpenAIClient, encode_jpeg
 from .types import ChatDelta, ChatMessage, ChatRequest
 from .worker import WorkerProcess, WorkerUnavailable
@@ -163,9 +164,21 @@ class RemoteInference:
     async def describe_video(
         self, frames: np.ndarray, fps: float, audio16: np.ndarray | None, prompt: str, max_tokens: int
     ) -> str:
-        """Frames + audio, time-aligned (SARAi's clip extension; the engine asks only a server that said "video")."""
+        """Frames + audio, time-aligned (the engine asks only a server that said "video").
+
+        SARAi's engine server (worker, add-on) takes them as they are (its ``/v1/sarai/clip`` extension); any
+        other server (vLLM) gets the clip as one small MP4 in a ``video_url`` part, with
+        ``mm_processor_kwargs.use_audio_in_video`` when it has sound.
+        """
+        if self.server_kind == "sarai":
+            return await self._call(
+                "describe_video", lambda c: c.describe_clip(frames, fps, audio16, prompt, max_tokens=max_tokens)
+            )
+        with_audio = audio16 is not None and audio16.size > 0
+        video = await asyncio.to_thread(encode_mp4, frames, fps, audio16 if with_audio else None)
         return await self._call(
-            "describe_video", lambda c: c.describe_clip(frames, fps, audio16, prompt, max_tokens=max_tokens)
+            "describe_video",
+            lambda c: c.describe_video(video, prompt, with_audio=with_audio, max_tokens=max_tokens),
         )
 
     async def describe_frames(self, images: Sequence[Any], prompt: str, max_tokens: int) -> str:
