@@ -183,7 +183,8 @@ async def test_assist_off_clock_sits_after_the_static_prefix(backend: LlamaBacke
 
 
 async def test_media_turn_keeps_the_text_prefix(gguf_path: str, mmproj_path: str) -> None:
-    """A text turn after an image turn (libmtmd clears the KV cache) restores its conversation's state."""
+    """An image turn runs in its own KV-cache sequence: the conversation's prompt stays where it is, and the next
+    text turn evaluates only its new words, with nothing to restore."""
     from PIL import Image
 
     b = LlamaBackend("text", gguf_path, 4096, 2, mmproj=mmproj_path)
@@ -191,8 +192,11 @@ async def test_media_turn_keeps_the_text_prefix(gguf_path: str, mmproj_path: str
     try:
         first = _req("hola", cid="A")
         answer = _chat(b, first)
+        live = b.cache_status()["live_tokens"]
         b.media_chat([("image", Image.new("RGB", (56, 56), (10, 200, 10)))], "¿Qué ves?", 8, threading.Event())
-        assert b.last_reused_tokens == 0 and b._llm.n_tokens == 0  # the media turn cleared the KV cache
+        assert b.last_reused_tokens == 0 and b.last_evaluated_tokens > 0
+        assert b.cache_status()["live_tokens"] == live  # the media turn left the conversation alone
+        assert b._llm is not None and b._llm.seq_length(b.media_seq) == 0  # and its own sequence is gone
         _chat(b, _req("hola", answer, "¿y mañana?", cid="A"))
         print(f"\nafter a media turn: {b.cache_status()}")
         assert b.last_reused_tokens >= len(b.prompt_tokens(first))  # the whole previous prompt
@@ -200,7 +204,31 @@ async def test_media_turn_keeps_the_text_prefix(gguf_path: str, mmproj_path: str
         # those are evaluated again, with the new turn.
         new = b.tokenize_segments([(f"{answer}<|im_end|>\n<|im_start|>user\n¿y mañana?<|im_end|>\n", False)])
         assert b.last_evaluated_tokens <= len(new) + 3
-        assert b.cache_status()["restores"] == 1
+        assert b.cache_status()["restores"] == 0
+    finally:
+        b.unload()
+
+
+async def test_media_turn_makes_room(gguf_path: str, mmproj_path: str) -> None:
+    """With no cells to spare (no saved prompts), a media turn drops the live conversation rather than fail;
+    the conversation's next turn evaluates it again and answers."""
+    from PIL import Image
+
+    b = LlamaBackend("text", gguf_path, 1024, 2, mmproj=mmproj_path, cache_bytes=0)
+    b.load()
+    try:
+        assert b.cache_status()["kv_cells"] == 1024
+        long = "palabra " * 50
+        answer = _chat(b, _req(long, system="Eres SARAi.", tools=[], cid="A", n=4))
+        live = b.cache_status()["live_tokens"]
+        question = "¿Qué ves? " + "x " * 300
+        assert live + len(b.tokenize_segments([(question, False)])) > 1024 > live + 100
+        image = Image.new("RGB", (56, 56), (10, 200, 10))
+        for _ in range(2):  # 1,024 cells: not both the live prompt and the media turn
+            b.media_chat([("image", image)], question, 4, threading.Event())
+            assert b.cache_status()["live_tokens"] == 0
+        _chat(b, _req(long, answer, "¿y mañana?", system="Eres SARAi.", tools=[], cid="A", n=4))
+        assert b.last_generated >= 0 and b.last_evaluated_tokens > 0
     finally:
         b.unload()
 
@@ -241,8 +269,8 @@ async def test_restart_restores_the_prefix_from_disk(gguf_path: str, tmp_path: P
     states = tmp_path / "states"
     request = _req()
 
-    def started() -> LlamaBackend:
-        b = LlamaBackend("text", gguf_path, 4096, 2, cache_dir=states)
+    def started(entries: int = 8) -> LlamaBackend:
+        b = LlamaBackend("text", gguf_path, 4096, 2, cache_dir=states, cache_entries=entries)
         b.load()
         return b
 
@@ -287,8 +315,11 @@ async def test_restart_restores_the_prefix_from_disk(gguf_path: str, tmp_path: P
     fourth.unload()
 
     # A state that goes bad on disk while the model runs: checked when a turn picks it, then evaluated again.
-    fifth = started()
-    _chat(fifth, _req("hola", system="Otro asistente.", tools=[], cid="X"))  # the KV cache holds another prompt
+    # (One saved prompt at most: conversation Y's saving X drops the prefix from memory; it is on disk only.)
+    fifth = started(entries=1)
+    _chat(fifth, _req("hola", system="Otro asistente.", tools=[], cid="X"))
+    _chat(fifth, _req("hola", system="Un tercero.", tools=[], cid="Y"))
+    assert fifth.cache_status()["evictions"] == 1
     (path,) = states.glob(f"*{SUFFIX}")
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0xFF
@@ -363,25 +394,33 @@ def test_state_store_files(tmp_path: Path, gguf_path: str) -> None:
     assert delete_cache_dir(tmp_path / "s") == 1 and not (tmp_path / "s").exists()
 
 
-def test_prompt_cache_lru_and_budget() -> None:
-    """In memory: bounded by entries and bytes, the prefilled prefixes evicted last, best match by prefix."""
-    cache = PromptCache(max_bytes=3000, max_entries=3)
+def test_prompt_cache_slots_lru() -> None:
+    """In memory: a bounded number of sequences, the least recently used conversation dropped first, the
+    prefilled prefixes last; the best match by prefix."""
+    cache = PromptCache(slots=3)
     base = np.arange(100, dtype=np.int32)
-    assert cache.put("prefix", base[:50], bytearray(1000), pinned=True) is not None
+    assert cache.slot_for("prefix") == 1
+    cache.put("prefix", base[:50], 1, pinned=True)
+    seqs = {}
     for i, key in enumerate(["a", "b", "c"]):
-        cache.put(key, np.concatenate([base[:60], [1000 + i] * 10]).astype(np.int32), bytearray(900))
+        seqs[key] = cache.slot_for(key)
+        cache.put(key, np.concatenate([base[:60], [1000 + i] * 10]).astype(np.int32), seqs[key])
+    assert seqs == {"a": 2, "b": 3, "c": 2}  # "a" was the oldest conversation: its sequence went to "c"
     status = cache.status()
-    assert status["entries"] == 3 and status["bytes"] <= 3000
-    assert cache.get("a") is None and cache.get("prefix") is not None  # the oldest conversation went first
-    assert cache.put("huge", base, bytearray(3001)) is None
+    assert (status["entries"], status["evictions"], status["max_entries"]) == (3, 1, 3)
+    assert cache.get("a") is None and cache.get("prefix") is not None
+    assert cache.slot_for("b") == 3  # its own sequence, to be overwritten
     entry, common = cache.best(np.concatenate([base[:60], [1001] * 3]).astype(np.int32))
     assert entry is not None and (entry.key, common) == ("b", 63)
     assert cache.best(np.array([7, 7], dtype=np.int32)) == (None, 0)
     entry, common = cache.best(base[:55])
-    assert entry is not None and common == 55 and entry.key in ("b", "c")  # the same prefix, the smaller state
+    assert entry is not None and common == 55 and entry.key in ("b", "c")  # the same prefix, the shorter prompt
+    cache.touch(cache.get("b"))  # type: ignore[arg-type]
+    assert [cache.evict(), cache.evict(), cache.evict(), cache.evict()] == [2, 3, 1, None]  # c, b, the prefix
+    cache.put("d", base, 1)
     cache.clear_memory()
-    assert len(cache) == 0 and cache.memory_bytes() == 0
-    assert cache.clear_disk() == 0 and not cache.persist(cache.add_disk("d", base, 10, Path("/nonexistent")))
+    assert len(cache) == 0 and cache.resident() == []
+    assert cache.clear_disk() == 0 and not cache.persist(cache.add_disk("d", base, Path("/nonexistent")), None)
     assert common_prefix(base, base) == 100 and common_prefix(base[:0], base) == 0
     assert prefix_key(base) == prefix_key(base.copy()) != prefix_key(base[:10])
 
@@ -415,34 +454,38 @@ async def test_greedy_output_identical_with_and_without_cache(model: str, gguf_p
 
 
 async def test_budget_accounting(gguf_path: str) -> None:
-    """The states' memory is counted in the estimate and never exceeded, in bytes or entries."""
+    """The saved prompts' memory is KV cells beyond the context's, counted in the estimate: llama.cpp's context
+    has exactly that many cells, and more conversations than sequences or cells only drop the oldest."""
     plain = LlamaBackend("text", gguf_path, 4096, 2, cache_bytes=0)
     default = LlamaBackend("text", gguf_path, 4096, 2)
     kv = default.info.kv_cache_bytes(4096)
     assert default.cache_bytes == 2 * kv > 0
     assert default.estimate_bytes() - plain.estimate_bytes() == 2 * kv
+    assert (plain.n_cells, default.n_cells) == (4096, 3 * 4096)
     small = LlamaBackend("text", gguf_path, 4096, 2, cache_bytes=kv // 2, cache_entries=2)
     small.load()
     try:
+        assert small._llm is not None and small._llm.n_cells == small.n_cells == 4096 + 2048
         small.prefill(_req(), threading.Event())
         for i in range(6):
             _chat(small, _req(f"pregunta número {i}", cid=f"c{i}", n=4))
         status = small.cache_status()
-        print(f"\nsix conversations in {kv // 2} bytes: {status}")
-        assert status["entries"] <= 2 and status["bytes"] <= kv // 2 and status["saves"] >= 5
-        assert status["hits"] == 6 and status["misses"] == 0
+        print(f"\nsix conversations in 2 sequences and {small.n_cells} cells: {status}")
+        assert status["entries"] <= 2 and status["saves"] >= 5 and status["evictions"] >= 3
+        assert status["hits"] == 6 and status["misses"] == 0  # the prefix is dropped last
         assert status["cache_dir"] is None and status["disk_entries"] == 0
         assert small.clear_disk_cache() == 0
     finally:
         small.unload()
     assert small.cache_status()["entries"] == 0 and small.cache_status()["live_tokens"] == 0
-    tiny = LlamaBackend("text", gguf_path, 4096, 2, cache_bytes=1000)  # no state fits: nothing kept, all works
+    tiny = LlamaBackend("text", gguf_path, 4096, 2, cache_bytes=1000)  # (almost) no cells to spare: all works
     tiny.load()
     try:
+        assert tiny.n_cells < 4096 + 8
         assert tiny.prefill(_req(), threading.Event()) > 0
         _chat(tiny, _req("hola", cid="A"))
         _chat(tiny, _req("adiós", cid="B"))
-        assert tiny.cache_status()["entries"] == 0 and tiny.cache_status()["saves"] == 0
+        assert tiny.last_reused_tokens > 0
     finally:
         tiny.unload()
 

@@ -1,4 +1,9 @@
-"""Text chat (and, with an mmproj, hearing and seeing) on the Qwen2.5-Omni GGUF through llama-cpp-python."""
+"""Text chat (and, with an mmproj, hearing and seeing) on the Qwen2.5-Omni GGUF through llama-cpp-python.
+
+One KV cache holds several sequences (llama_runtime.py): sequence 0 is the live conversation, 1..n are saved
+prompts (other conversations, prefilled prefixes: prompt_cache.py) and the last one is a media turn's, so that
+hearing or seeing never clears a conversation's prompt.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import numpy as np
 from .errors import ContextOverflow, EngineError, InvalidInput, ModelCorrupt
 from .grammar import check_gbnf, json_grammar
 from .history import first_kept_turn, split_turns
+from .llama_runtime import LIVE, DecodeError, LlamaRuntime
 from .manager import Backend, Emit
 from .models import GGUFInfo, MMProjInfo, inspect_gguf, inspect_mmproj
 from .prompt_cache import (
@@ -34,8 +40,8 @@ _LOGGER = logging.getLogger(__name__)
 
 MTMD_COMPUTE_BYTES = 64 * 1024 * 1024
 MIN_ANSWER_TOKENS = 8  # below this much room for the answer the prompt does not fit
-MIN_RESTORE_GAIN = 8  # restore a saved state only when it spares at least this many tokens over the live one
-MIN_SAVE_TOKENS = 16  # save the live state before it is overwritten only when it holds this many tokens more
+MIN_RESTORE_GAIN = 8  # read a state from disk only when it spares at least this many tokens over the live one
+MIN_SAVE_TOKENS = 16  # save the live prompt before it is overwritten only when it holds this many tokens more
 PREFILL_CHUNK = 32  # a prefill evaluates this many tokens at a time, and yields to a waiting request in between
 
 
@@ -63,9 +69,10 @@ class LlamaBackend(Backend):
     ) -> None:
         """Validate the headers now; load later.
 
-        ``cache_bytes``: memory for saved prompt states (default twice the KV cache; 0 keeps none), counted
-        in ``estimate_bytes``; ``cache_entries`` bounds their number. ``cache_dir``: where the prefilled
-        prefix's state is kept across restarts (None: not on disk), at most ``cache_files`` files.
+        ``cache_bytes``: KV-cache memory for saved prompts beyond the context's own (default twice the
+        context's KV cache; 0 keeps none), counted in ``estimate_bytes``; ``cache_entries`` bounds their
+        number. ``cache_dir``: where the prefilled prefix's state is kept across restarts (None: not on disk),
+        at most ``cache_files`` files.
         """
         super().__init__(name)
         self.info: GGUFInfo = inspect_gguf(path)
@@ -77,7 +84,10 @@ class LlamaBackend(Backend):
         self.cache_entries = cache_entries
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.cache_files = cache_files
-        self._llm: Any = None
+        per_token = max(1, kv_bytes // max(1, n_ctx))
+        self.n_cells = n_ctx + self.cache_bytes // per_token  # KV cells of all sequences together
+        self.media_seq = (cache_entries if self.cache_bytes > 0 else 0) + 1
+        self._llm: LlamaRuntime | None = None
         self._mtmd: Any = None
         self._cache: PromptCache | None = None
         self._live_key: str | None = None  # whose prompt the KV cache holds (a conversation, a prefix)
@@ -106,7 +116,7 @@ class LlamaBackend(Backend):
         return self.mmproj is not None and self.mmproj.has_vision
 
     def estimate_bytes(self) -> int:
-        """File size (mmap) + f16 KV cache + a compute buffer + saved prompt states (+ the mmproj and its buffer)."""
+        """File size (mmap) + f16 KV cache + a compute buffer + saved prompts' cells (+ the mmproj and its buffer)."""
         total = self.info.size_bytes + self.info.kv_cache_bytes(self.n_ctx) + 32 * 1024 * 1024 + self.cache_bytes
         if self.mmproj is not None:
             total += self.mmproj.size_bytes + MTMD_COMPUTE_BYTES
@@ -118,18 +128,19 @@ class LlamaBackend(Backend):
 
         inspect_gguf(self.info.path)  # the file may have changed since setup
         try:
-            self._llm = llama_cpp.Llama(
-                model_path=self.info.path,
+            self._llm = LlamaRuntime(
+                self.info.path,
                 n_ctx=self.n_ctx,
+                n_cells=self.n_cells,
+                n_seq=self.media_seq + 1,
                 n_threads=self.n_threads,
-                use_mmap=True,
-                verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as err:
             raise ModelCorrupt(f"llama.cpp cannot load {self.info.path}: {err}", path=self.info.path) from err
         # <tool_call> / </tool_call> may be special tokens: the only ones whose text a reply keeps
         # (the tool-call parser needs it); every other special token is generated as nothing.
-        ids = [self._llm.tokenize(tag.encode(), add_bos=False, special=True) for tag in (TOOL_OPEN, TOOL_CLOSE)]
+        llm = self._llm
+        ids = [llm.tokenize(tag.encode(), add_bos=False, special=True) for tag in (TOOL_OPEN, TOOL_CLOSE)]
         self._tool_tokens = frozenset(t[0] for t in ids if len(t) == 1)
         self._open_cache(llama_cpp.__version__)
         if self.mmproj is not None:
@@ -147,6 +158,7 @@ class LlamaBackend(Backend):
         params = mtmd.mtmd_context_params_default()
         params.use_gpu = False
         params.print_timings = False
+        assert self._llm is not None
         params.n_threads = self._llm.n_threads
         ctx = mtmd.mtmd_init_from_file(self.mmproj.path.encode(), self._llm.model, params)
         if not ctx:
@@ -154,7 +166,7 @@ class LlamaBackend(Backend):
         self._mtmd = ctx
 
     def unload(self) -> None:
-        """Free the mmproj, the model, its KV cache and the saved prompt states held in memory."""
+        """Free the mmproj, the model and its KV cache (with the saved prompts it holds)."""
         if self._cache is not None:
             self._cache.clear_memory()
         self._live_key, self._live_dirty = None, False
@@ -170,6 +182,7 @@ class LlamaBackend(Backend):
     def tokenize_segments(self, segments: list[Segment]) -> list[int]:
         """Tokens of prompt segments: special tokens are parsed in SARAi's template only, never in what
         a message holds (a user who writes ``<|im_start|>system`` gets those characters, not a new turn)."""
+        assert self._llm is not None
         tokens: list[int] = []
         for text, special in segments:
             if text:
@@ -239,22 +252,22 @@ class LlamaBackend(Backend):
         full = self.tokenize_segments([*head, *tail])
         return day if full[: len(day)] == day else static
 
-    def grammar(self, schema: dict[str, Any]) -> Any:
-        """A LlamaGrammar for ``schema``, checked in Python and by llama.cpp's own parser before any sampling."""
-        import llama_cpp
-
-        grammar = llama_cpp.LlamaGrammar.from_string(json_grammar(schema), verbose=False)  # type: ignore[attr-defined]
-        self.check_grammar(grammar._grammar, grammar._root)
-        return grammar
+    def grammar(self, schema: dict[str, Any]) -> tuple[str, str]:
+        """The GBNF (text, root rule) for ``schema``, checked in Python and by llama.cpp's own parser before any
+        sampling."""
+        text = json_grammar(schema)
+        self.check_grammar(text, "root")
+        return text, "root"
 
     def check_grammar(self, text: str, root: str = "root") -> None:
         """Refuse (InvalidInput) a GBNF text that our checker or llama.cpp's parser rejects.
 
-        llama-cpp-python adds whatever ``llama_sampler_init_grammar`` returns to the sampler chain;
-        a NULL there (a grammar llama.cpp could not parse, or a left-recursive one) crashes sampling.
+        A NULL from ``llama_sampler_init_grammar`` in a sampler chain (a grammar llama.cpp could not parse,
+        or a left-recursive one) crashes sampling.
         """
         import llama_cpp
 
+        assert self._llm is not None
         check_gbnf(text, root)
         vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         sampler = llama_cpp.llama_sampler_init_grammar(vocab, text.encode(), root.encode())
@@ -266,50 +279,53 @@ class LlamaBackend(Backend):
         """Stream raw completion text for a chat request; stops at the next token when asked.
 
         Only what the KV cache does not hold yet is evaluated: the longest common prefix with the
-        live KV cache or with a saved state (another conversation's, a prefilled prefix) is kept
+        live sequence or with a saved one (another conversation's, a prefilled prefix) is kept
         (see ``_evaluate``); ``last_reused_tokens`` / ``last_evaluated_tokens`` say how much.
         """
-        import llama_cpp
-
+        llm = self._llm
+        assert llm is not None
         grammar = self.grammar(request.json_schema) if request.json_schema is not None else None
         tokens = self.prompt_tokens(request)
         room = self.n_ctx - len(tokens)
-        # Our own token loop (not create_completion's stream): a stop request is honoured at the
-        # next token, and text is decoded incrementally (linear, even when a model emits partial
-        # UTF-8 for a long time). Special tokens come out as nothing, but <tool_call> tags.
-        vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        # Our own token loop: a stop request is honoured at the next token, and text is decoded
+        # incrementally (linear, even when a model emits partial UTF-8 for a long time). Special
+        # tokens come out as nothing, but <tool_call> tags.
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         budget = min(request.max_tokens, room - 1)
         produced: list[int] = []
         self.last_prompt_tokens = list(tokens)
         self.last_output_tokens = produced
         self.last_generated = 0
-        if not self._evaluate(tokens, request.conversation_id, stop, int(self._llm.n_batch)):
+        if not self._evaluate(tokens, request.conversation_id, stop, llm.n_batch):
             return
-        # The whole prompt is in the KV cache now, with fresh logits: generate() samples right away.
-        for token in self._llm.generate(
-            tokens, temp=request.temperature, top_k=40, top_p=0.95, min_p=0.05, grammar=grammar
-        ):
-            self._live_dirty = True
-            if stop.is_set() or llama_cpp.llama_vocab_is_eog(vocab, token):
-                break
-            produced.append(token)
-            text = decoder.decode(self._llm.detokenize([token], special=token in self._tool_tokens))
-            if text:
-                emit(text)
-            if len(produced) >= budget:
-                break
+        # The whole prompt is in the live sequence now, with the last token's logits: sample right away.
+        chain = llm.sampler(request.temperature, grammar)
+        try:
+            pos = len(tokens)
+            while not stop.is_set():
+                token = llm.sample(chain)
+                if llm.is_eog(token):
+                    break
+                produced.append(token)
+                text = decoder.decode(llm.detokenize([token], special=token in self._tool_tokens))
+                if text:
+                    emit(text)
+                if len(produced) >= budget:
+                    break
+                self._live_dirty = True
+                pos = self._decode_live([token], pos)
+        finally:
+            llm.free_sampler(chain)
         self.last_generated = len(produced)
         tail = decoder.decode(b"", final=True)
         if tail:
             emit(tail)
 
-    # -- prompt states: the live KV cache, saved ones, prefill ---------------------------------
+    # -- saved prompts: the live sequence, saved sequences, prefill, files -------------------------
 
     def _open_cache(self, runtime: str) -> None:
-        """Set up the saved prompt states after a load (none when ``cache_bytes`` is 0); with a cache directory,
-        find this model's state files and restore the newest into the KV cache (the first turn after a
-        restart then reuses it)."""
+        """Set up the saved prompts after a load (none when ``cache_bytes`` is 0); with a cache directory, find
+        this model's state files and restore the newest (the first turn after a restart then reuses it)."""
         self._live_key, self._live_dirty = None, False
         self._cache = None
         if self.cache_bytes <= 0:
@@ -323,70 +339,67 @@ class LlamaBackend(Backend):
             else:
                 max_disk = max(self.cache_files, 1) * max(self.info.kv_cache_bytes(self.n_ctx), 1) + (1 << 20)
                 store = StateStore(self.cache_dir, identity, self.cache_files, max_disk)
-        self._cache = PromptCache(self.cache_bytes, self.cache_entries, store)
+        self._cache = PromptCache(self.media_seq - 1, store)
         found = self._cache.scan_disk()
         if found and self._restore(found[0]):
             _LOGGER.debug("Restored the prompt state of %d tokens from %s", len(found[0].tokens), self.cache_dir)
 
-    def _truncate(self, n: int) -> None:
-        """Keep the first ``n`` tokens of the KV cache (a saved state then holds exactly the live tokens)."""
-        import llama_cpp
+    def _make_room(self) -> bool:
+        """Drop the least recently used saved prompt from the KV cache (a batch found no free cell)."""
+        seq = self._cache.evict() if self._cache is not None else None
+        if seq is None:
+            return False
+        assert self._llm is not None
+        self._llm.seq_rm(seq)
+        return True
 
-        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._llm._ctx.ctx), 0, n, -1)
-        self._llm.n_tokens = n
+    def _decode_live(self, tokens: list[int], pos: int) -> int:
+        """Evaluate tokens at the end of the live sequence (with the last one's logits)."""
+        assert self._llm is not None
+        try:
+            return self._llm.decode(tokens, pos, LIVE, logits_last=True, make_room=self._make_room)
+        except DecodeError as err:  # pragma: no cover - the live sequence alone always fits its cells
+            raise ModelCorrupt(f"llama.cpp could not evaluate the prompt: {err}", path=self.info.path) from err
 
     def _live_tokens(self) -> np.ndarray:
-        return np.asarray(self._llm.input_ids[: self._llm.n_tokens], dtype=np.int32)
-
-    def _state_bytes(self) -> bytearray | None:
-        """A copy of sequence 0's KV cache (None when it would not fit the cache's budget)."""
-        import llama_cpp
-
-        assert self._cache is not None
-        ctx = self._llm._ctx.ctx
-        size = int(llama_cpp.llama_state_seq_get_size(ctx, 0))
-        if size <= 0 or size > self._cache.max_bytes:
-            return None
-        data = bytearray(size)
-        got = int(llama_cpp.llama_state_seq_get_data(ctx, (ctypes.c_uint8 * size).from_buffer(data), size, 0))
-        if got <= 0:  # pragma: no cover - llama.cpp reports the size it then writes
-            return None
-        del data[got:]
-        return data
+        assert self._llm is not None
+        return self._llm.live_tokens()
 
     def _save_live(self, key: str | None) -> CacheEntry | None:
-        """Keep the live KV cache (a conversation's prompt and answer) before ``key``'s prompt overwrites it."""
+        """Keep the live prompt (a conversation's prompt and answer) in a sequence of its own before ``key``'s
+        prompt replaces it (the cells are shared, not copied)."""
         if self._cache is None or not self._live_dirty or self._live_key is None or self._live_key == key:
             return None
-        data = self._state_bytes()
+        assert self._llm is not None
+        seq = self._cache.slot_for(self._live_key)
+        self._llm.seq_cp(LIVE, seq)
         self._live_dirty = False
-        if data is None:
-            return None
-        return self._cache.put(self._live_key, self._live_tokens(), data)
+        return self._cache.put(self._live_key, self._live_tokens(), seq)
 
     def _restore(self, entry: CacheEntry) -> bool:
-        """Put a saved state in the KV cache (sequence 0); on failure the KV cache is empty and the entry gone."""
-        import llama_cpp
-
-        assert self._cache is not None
-        on_disk = entry.data is None
-        data = self._cache.load(entry)  # bytes from disk are checked (size, header, checksum) first
-        if data is None:
-            return False
-        ctx = self._llm._ctx.ctx
-        size = len(data)
-        done = int(llama_cpp.llama_state_seq_set_data(ctx, (ctypes.c_uint8 * size).from_buffer(data), size, 0))
+        """Make the live sequence a saved prompt (read and checked from disk first when it is not in memory);
+        on failure the live sequence is empty and the entry gone."""
+        llm = self._llm
+        assert self._cache is not None and llm is not None
+        on_disk = entry.seq is None
+        if entry.seq is None:
+            data = self._cache.read(entry)  # bytes from disk are checked (size, header, checksum) first
+            if data is None:
+                return False
+            seq = self._cache.slot_for(entry.key)
+            while not (done := llm.set_state(seq, data)) and self._make_room():
+                pass  # no free cells for it: drop saved prompts (if they were not the reason, it is refused)
+            if not done:
+                _LOGGER.warning("llama.cpp refused a saved prompt state (%s); it is evaluated again", entry.key)
+                llm.seq_rm(LIVE)
+                self._live_key = None
+                self._cache.discard(entry)
+                return False
+            entry.seq = seq
+        assert entry.seq is not None
+        llm.seq_cp(entry.seq, LIVE)
+        llm.set_live(entry.tokens)
         self._live_dirty = False
-        if done != size:
-            _LOGGER.warning("llama.cpp refused a saved prompt state (%s); it is evaluated again", entry.key)
-            self._truncate(0)
-            self._live_key = None
-            self._cache.discard(entry)
-            return False
-        n = len(entry.tokens)
-        self._llm.input_ids[:n] = entry.tokens
-        self._llm.n_tokens = n
-        self._llm._requires_eval = True  # the logits are not the restored prompt's
         self._live_key = entry.key
         self._cache.touch(entry)
         self._cache.restores += 1
@@ -403,21 +416,24 @@ class LlamaBackend(Backend):
         *,
         count: bool = True,
     ) -> bool:
-        """Make the KV cache hold ``tokens`` (with the last token's logits), evaluating as little as possible.
+        """Make the live sequence hold ``tokens`` (with the last token's logits), evaluating as little as possible.
 
-        The live KV cache or the saved state with the longest common prefix is kept (a saved one is
-        restored when it spares ``MIN_RESTORE_GAIN`` tokens more); the live one is saved first when
-        that would lose a conversation's tokens. At least the last token is evaluated (fresh logits).
-        The rest is evaluated ``chunk`` tokens at a time; False when ``stop`` (or ``yield_to()``)
-        interrupted it between two chunks (what was evaluated stays in the KV cache).
+        The live sequence or the saved prompt with the longest common prefix is kept (one on disk only when
+        it spares ``MIN_RESTORE_GAIN`` tokens more); the live one is saved first when that would lose a
+        conversation's tokens. At least the last token is evaluated (fresh logits). The rest is evaluated
+        ``chunk`` tokens at a time; False when ``stop`` (or ``yield_to()``) interrupted it between two chunks
+        (what was evaluated stays in the live sequence).
         """
+        llm = self._llm
+        assert llm is not None
         target = np.asarray(tokens, dtype=np.int32)
         n = len(target)
         live = common_prefix(self._live_tokens(), target)
         entry, saved = self._cache.best(target) if self._cache is not None else (None, 0)
-        restore = entry is not None and min(saved, n - 1) >= min(live, n - 1) + MIN_RESTORE_GAIN
+        gain = 1 if entry is not None and entry.seq is not None else MIN_RESTORE_GAIN
+        restore = entry is not None and min(saved, n - 1) >= min(live, n - 1) + gain
         keep = min(saved if restore else live, n - 1)
-        if self._llm.n_tokens - (0 if restore else keep) >= MIN_SAVE_TOKENS:
+        if llm.n_tokens - (0 if restore else keep) >= MIN_SAVE_TOKENS:
             self._save_live(key)
         if restore and entry is not None and not self._restore(entry):
             keep = min(common_prefix(self._live_tokens(), target), n - 1)
@@ -428,21 +444,21 @@ class LlamaBackend(Backend):
                 self._cache.misses += 1
         if count:
             self.last_reused_tokens, self.last_evaluated_tokens = keep, n - keep
-        self._truncate(keep)
+        llm.seq_rm(LIVE, keep, -1)
         self._live_key = key
         for first in range(keep, n, max(1, chunk)):
             if stop.is_set() or (yield_to is not None and yield_to()):
                 return False
             self._live_dirty = True
-            self._llm.eval(tokens[first : first + chunk])
+            self._decode_live(tokens[first : first + chunk], first)
         return True
 
     def prefill(self, request: ChatRequest, stop: threading.Event, yield_to: Callable[[], bool] | None = None) -> int:
-        """Evaluate the static prefix of ``request``'s prompt (``prefix_tokens``; no generation) and keep its state:
-        in memory (as a pinned entry) and, with a cache directory, on disk.
+        """Evaluate the static prefix of ``request``'s prompt (``day_prefix_tokens``; no generation) and keep it:
+        in a sequence of its own (pinned: dropped last) and, with a cache directory, on disk.
 
         Stops between two chunks of ``PREFILL_CHUNK`` tokens when ``stop`` is set or ``yield_to()`` is true
-        (a user's request is waiting); what was evaluated stays in the KV cache for that request.
+        (a user's request is waiting); what was evaluated stays in the live sequence for that request.
         Returns the length of the prefix now cached (0 when it was interrupted or does not fit).
         """
         tokens = self.day_prefix_tokens(request)
@@ -454,24 +470,30 @@ class LlamaBackend(Backend):
             self._live_key = None  # a partial prefix: not worth saving
             return 0
         if self._cache is not None:
+            assert self._llm is not None
             entry = self._cache.get(key)
-            if entry is None or entry.data is None:
-                data = self._state_bytes()
-                entry = self._cache.put(key, np.asarray(tokens, dtype=np.int32), data, pinned=True) if data else None
-            if entry is not None:
-                self._live_dirty = False
-                self._cache.touch(entry)
-                self._cache.persist(entry)
+            if entry is None or entry.seq is None:
+                seq = self._cache.slot_for(key)
+                self._llm.seq_cp(LIVE, seq)
+                entry = self._cache.put(key, np.asarray(tokens, dtype=np.int32), seq, pinned=True)
+            self._live_dirty = False
+            self._cache.touch(entry)
+            if self._cache.store is not None and (entry.path is None or not entry.path.is_file()):
+                assert entry.seq is not None
+                self._cache.persist(entry, self._llm.get_state(entry.seq))
+            elif entry.path is not None:
+                self._cache.persist(entry, None)  # already on disk: marked as just used
         self.last_prefill_tokens = len(tokens)
         return len(tokens)
 
     def cache_status(self) -> dict[str, Any]:
-        """Saved prompt states for diagnostics: entries and bytes in memory and on disk, hits, misses, and how
+        """Saved prompts for diagnostics: entries in memory (sequences, tokens) and on disk, hits, misses, and how
         many prompt tokens the last turn reused and evaluated."""
-        base = self._cache.status() if self._cache is not None else {"entries": 0, "bytes": 0}
+        base = self._cache.status() if self._cache is not None else {"entries": 0, "tokens": 0}
         return {
             **base,
             "budget_bytes": self.cache_bytes,
+            "kv_cells": self.n_cells,
             "cache_dir": str(self.cache_dir) if self.cache_dir is not None else None,
             "live_tokens": int(self._llm.n_tokens) if self._llm is not None else 0,
             "last_prompt_tokens": len(self.last_prompt_tokens),
@@ -501,11 +523,13 @@ class LlamaBackend(Backend):
         ``media`` holds ("audio", samples) or ("image", image) in prompt order, each placed where
         its marker goes, before the question. libmtmd tokenizes only the media markers (with special
         tokens); the system prompt and the question are tokenized as plain text and evaluated around them.
+        All of it goes to the media sequence, dropped afterwards: the conversations' prompts stay (when
+        the cells run short, saved prompts are dropped first, then the live one).
         """
-        import llama_cpp
         import llama_cpp.mtmd_cpp as mtmd
 
-        if self._mtmd is None:
+        llm = self._llm
+        if self._mtmd is None or llm is None:
             raise ModelCorrupt("no mmproj is loaded", path=self.info.path)
         head: list[Segment] = []
         if system:
@@ -516,8 +540,7 @@ class LlamaBackend(Backend):
         text_bytes = "".join(f"{marker}\n" for _ in media).encode()
         bitmaps = [self._bitmap(kind, value) for kind, value in media]
         chunks = mtmd.mtmd_input_chunks_init()
-        ctx = self._llm._ctx.ctx
-        memory = llama_cpp.llama_get_memory(ctx)
+        seq = self.media_seq
         try:
             text = mtmd.mtmd_input_text()
             text.text = text_bytes
@@ -534,26 +557,45 @@ class LlamaBackend(Backend):
                     tokens=n_prompt,
                     n_ctx=self.n_ctx,
                 )
-            self._save_live(None)  # the conversation's KV cache, restored by its next text turn
-            llama_cpp.llama_memory_clear(memory, True)
-            self._llm.reset()
-            self._live_key, self._live_dirty = None, False
             self.last_reused_tokens, self.last_evaluated_tokens = 0, n_prompt
-            start = self._decode(head_tokens, 0, logits_last=False)
-            n_past = llama_cpp.llama_pos(start)
-            if mtmd.mtmd_helper_eval_chunks(
-                self._mtmd, ctx, chunks, start, 0, self._llm.n_batch, False, ctypes.byref(n_past)
-            ):
-                raise ModelCorrupt("libmtmd could not evaluate the media", path=self.info.path)
-            end = self._decode(tail_tokens, n_past.value, logits_last=True)
+            end = self._media_prompt(chunks, head_tokens, tail_tokens)
             self.last_prompt_tokens = head_tokens + tail_tokens  # the text around the media
             return self._generate(end, min(max_tokens, self.n_ctx - n_prompt - 1), stop)
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
             for bitmap in bitmaps:
                 mtmd.mtmd_bitmap_free(bitmap)
-            llama_cpp.llama_memory_clear(memory, True)
-            self._llm.reset()
+            llm.seq_rm(seq)
+
+    def _media_prompt(self, chunks: Any, head_tokens: list[int], tail_tokens: list[int]) -> int:
+        """Evaluate the media prompt in the media sequence; the next position. When the cells run short, saved
+        prompts are dropped (then the live one) and it is evaluated again."""
+        import llama_cpp
+        import llama_cpp.mtmd_cpp as mtmd
+
+        llm = self._llm
+        assert llm is not None and self._mtmd is not None
+        seq = self.media_seq
+        while True:
+            llm.seq_rm(seq)
+            try:
+                start = llm.decode(head_tokens, 0, seq, logits_last=False)
+                n_past = llama_cpp.llama_pos(start)
+                if mtmd.mtmd_helper_eval_chunks(
+                    self._mtmd, llm.ctx, chunks, start, seq, llm.n_batch, False, ctypes.byref(n_past)
+                ):
+                    raise DecodeError("libmtmd could not evaluate the media", no_room=True)
+                return llm.decode(tail_tokens, n_past.value, seq, logits_last=True)
+            except DecodeError as err:
+                if not err.no_room:  # pragma: no cover - llama.cpp fails only for want of cells here
+                    raise ModelCorrupt(f"llama.cpp could not evaluate the media: {err}", path=self.info.path) from err
+                if self._make_room():
+                    continue
+                if llm.n_tokens:  # the live conversation goes last; its next turn evaluates it again
+                    llm.seq_rm(LIVE)
+                    self._live_key, self._live_dirty = None, False
+                    continue
+                raise ModelCorrupt("libmtmd could not evaluate the media", path=self.info.path) from err
 
     def _bitmap(self, kind: str, value: Any) -> Any:
         import llama_cpp.mtmd_cpp as mtmd
@@ -571,57 +613,20 @@ class LlamaBackend(Backend):
             raise ModelCorrupt(f"libmtmd refused the {kind}", path=self.info.path)
         return bitmap
 
-    def _decode(self, tokens: list[int], n_past: int, *, logits_last: bool) -> int:
-        """Evaluate text tokens at positions ``n_past``...; return the next position."""
-        import llama_cpp
-
-        ctx = self._llm._ctx.ctx
-        n_batch = max(1, int(self._llm.n_batch))
-        batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        try:
-            for first in range(0, len(tokens), n_batch):
-                part = tokens[first : first + n_batch]
-                batch.n_tokens = len(part)
-                for i, token in enumerate(part):
-                    batch.token[i] = token
-                    batch.pos[i] = n_past + i
-                    batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = 0
-                    batch.logits[i] = logits_last and first + i == len(tokens) - 1
-                if llama_cpp.llama_decode(ctx, batch) != 0:  # pragma: no cover - the size was checked before
-                    raise ModelCorrupt("llama.cpp could not evaluate the prompt", path=self.info.path)
-                n_past += len(part)
-        finally:
-            llama_cpp.llama_batch_free(batch)
-        return n_past
-
     def _generate(self, n_past: int, max_tokens: int, stop: threading.Event) -> str:
-        """Greedy decoding after the media prompt was evaluated."""
-        import llama_cpp
-
-        ctx = self._llm._ctx.ctx
-        vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
-        n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-        batch = llama_cpp.llama_batch_init(1, 0, 1)
+        """Greedy decoding in the media sequence after the media prompt was evaluated."""
+        llm = self._llm
+        assert llm is not None
         out = bytearray()
-        try:
-            for _ in range(max(0, max_tokens)):
-                if stop.is_set():
-                    break
-                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
-                token = int(np.argmax(logits))
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    break
-                out += self._llm.detokenize([token], special=False)
-                batch.n_tokens = 1
-                batch.token[0] = token
-                batch.pos[0] = n_past
-                batch.n_seq_id[0] = 1
-                batch.seq_id[0][0] = 0
-                batch.logits[0] = True
-                if llama_cpp.llama_decode(ctx, batch) != 0:
-                    break
-                n_past += 1
-        finally:
-            llama_cpp.llama_batch_free(batch)
+        for _ in range(max(0, max_tokens)):
+            if stop.is_set():
+                break
+            token = llm.argmax()
+            if llm.is_eog(token):
+                break
+            out += llm.detokenize([token], special=False)
+            try:
+                n_past = llm.decode([token], n_past, self.media_seq, logits_last=True, make_room=self._make_room)
+            except DecodeError:  # pragma: no cover - a one-token batch after the prompt found its cells
+                break
         return sanitize_text(out.decode("utf-8", errors="replace")).strip()

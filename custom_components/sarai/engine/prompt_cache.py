@@ -1,13 +1,14 @@
-"""Saved prompt states: the KV caches of several recent prompts (LRU, in memory) and of the static prefix (on disk).
+"""Saved prompts: several recent prompts in sequences of the KV cache (LRU), and the static prefix on disk.
 
-llama.cpp evaluates a prompt once; the KV cache of a sequence can be copied out
-(``llama_state_seq_get_data``) and back in (``llama_state_seq_set_data``). This module keeps such
-copies with their tokens and picks, for a new prompt, the one that shares the longest token prefix
-with it. It holds no llama.cpp object: LlamaBackend copies the states in and out.
+llama.cpp evaluates a prompt once. In memory a saved prompt is another sequence of the one unified KV
+cache (llama_runtime.py), sharing cells with the prompts it has in common; this module keeps their tokens
+and picks, for a new prompt, the one that shares the longest token prefix with it. It holds no llama.cpp
+object: LlamaBackend moves the sequences.
 
-In memory the copies are bounded in number and in bytes (LRU; prefilled prefixes go last). On disk
-the prefilled static prefix is kept, so that the first turn after a restart does not evaluate it
-again. A state file is::
+In memory the saved prompts are bounded by the KV cache's cells and a number of sequences (LRU;
+prefilled prefixes go last). On disk the prefilled static prefix is kept (a copy of its sequence,
+``llama_state_seq_get_data``), so that the first turn after a restart does not evaluate it again. A
+state file is::
 
     MAGIC | u32 header length | header (JSON) | tokens (int32 LE) | state bytes
 
@@ -74,14 +75,13 @@ def model_identity(path: str, n_ctx: int, runtime: str) -> dict[str, Any]:
 
 @dataclass(eq=False, slots=True)
 class CacheEntry:
-    """One saved state: its tokens, its bytes (in memory, on disk or both)."""
+    """One saved prompt: its tokens, the KV-cache sequence holding it (in memory), its file (on disk), or both."""
 
     key: str
     tokens: np.ndarray
-    size: int
-    data: bytearray | None = None
+    seq: int | None = None
     path: Path | None = None
-    pinned: bool = False  # a prefilled prefix: evicted from memory after the conversations' states
+    pinned: bool = False  # a prefilled prefix: dropped from memory after the conversations
     used: int = 0
 
 
@@ -315,15 +315,17 @@ def _touch(path: Path) -> None:
 
 
 class PromptCache:
-    """Saved prompt states by key (a conversation, or a prefilled prefix), bounded in number and bytes.
+    """Saved prompts by key (a conversation, or a prefilled prefix): sequences of the KV cache (LRU) and files.
 
-    Thread-safe: the backend's worker thread changes it, diagnostics read it from the event loop.
+    A saved prompt in memory is a sequence id (``slots``: 1..n) of the one unified KV cache; saving and restoring
+    only tag cells with another sequence id (llama_runtime.py). The KV cache's cells bound what the sequences
+    hold together; when a batch finds none free, ``evict`` drops the least recently used saved sequence
+    (the prefilled prefixes last). Thread-safe: the backend's worker thread changes it, diagnostics read it.
     """
 
-    def __init__(self, max_bytes: int, max_entries: int = 8, store: StateStore | None = None) -> None:
-        """An empty cache; ``store`` (optional) keeps the prefilled prefixes on disk."""
-        self.max_bytes = max(0, max_bytes)
-        self.max_entries = max(1, max_entries)
+    def __init__(self, slots: int, store: StateStore | None = None) -> None:
+        """No saved prompt yet; ``slots`` sequences for them; ``store`` (optional) keeps the prefixes on disk."""
+        self.slots = max(1, slots)
         self.store = store
         self._entries: dict[str, CacheEntry] = {}
         self._clock = itertools.count(1)
@@ -333,6 +335,7 @@ class PromptCache:
         self.saves = 0
         self.restores = 0
         self.disk_restores = 0
+        self.evictions = 0
 
     def __len__(self) -> int:
         """Entries (in memory or on disk)."""
@@ -342,70 +345,80 @@ class PromptCache:
         """The entry of a key."""
         return self._entries.get(key)
 
-    def memory_bytes(self) -> int:
-        """Bytes of the states held in memory."""
+    def resident(self) -> list[CacheEntry]:
+        """The entries held in KV-cache sequences."""
         with self._lock:
-            return sum(e.size for e in self._entries.values() if e.data is not None)
+            return [e for e in self._entries.values() if e.seq is not None]
 
     def touch(self, entry: CacheEntry) -> None:
         """Mark an entry as just used."""
         entry.used = next(self._clock)
 
     def best(self, tokens: np.ndarray) -> tuple[CacheEntry | None, int]:
-        """The entry sharing the longest prefix with ``tokens`` (ties: in memory first, then the smallest)."""
+        """The entry sharing the longest prefix with ``tokens`` (ties: in memory first, then the shortest)."""
         best: CacheEntry | None = None
         rank = (0, False, 0)
         with self._lock:
             entries = list(self._entries.values())
         for entry in entries:
             common = common_prefix(entry.tokens, tokens)
-            candidate = (common, entry.data is not None, -entry.size)
+            candidate = (common, entry.seq is not None, -len(entry.tokens))
             if common and candidate > rank:
                 best, rank = entry, candidate
         return best, rank[0]
 
-    def put(self, key: str, tokens: np.ndarray, data: bytearray, *, pinned: bool = False) -> CacheEntry | None:
-        """Keep a state in memory (replacing the key's previous one); None when it alone exceeds the budget."""
-        if len(data) > self.max_bytes:
-            return None
+    def slot_for(self, key: str) -> int:
+        """The sequence to save ``key``'s prompt in: its own, a free one, or the least recently used entry's
+        (that entry leaves memory; the caller replaces the sequence's cells)."""
+        with self._lock:
+            old = self._entries.get(key)
+            if old is not None and old.seq is not None:
+                return old.seq
+            taken = {e.seq for e in self._entries.values() if e.seq is not None}
+            free = [s for s in range(1, self.slots + 1) if s not in taken]
+        if free:
+            return free[0]
+        seq = self.evict()
+        assert seq is not None  # every slot is taken: there is an entry to evict
+        return seq
+
+    def put(self, key: str, tokens: np.ndarray, seq: int, *, pinned: bool = False) -> CacheEntry:
+        """Record that sequence ``seq`` holds ``tokens`` for ``key`` (replacing the key's previous entry)."""
         with self._lock:
             old = self._entries.get(key)
             path = old.path if old is not None and np.array_equal(old.tokens, tokens) else None
-            entry = CacheEntry(key, np.array(tokens, dtype=np.int32), len(data), data, path, pinned)
+            entry = CacheEntry(key, np.array(tokens, dtype=np.int32), seq, path, pinned or bool(old and old.pinned))
             self._entries[key] = entry
             self.touch(entry)
             self.saves += 1
-            self._evict(entry)
         return entry
 
-    def add_disk(self, key: str, tokens: np.ndarray, size: int, path: Path) -> CacheEntry:
+    def evict(self) -> int | None:
+        """Drop the least recently used entry from memory (the prefixes last); its sequence, or None when none."""
+        with self._lock:
+            resident = [e for e in self._entries.values() if e.seq is not None]
+            if not resident:
+                return None
+            victim = min(resident, key=lambda e: (e.pinned, e.used))
+            seq = victim.seq
+            self._forget_seq(victim)
+            self.evictions += 1
+            return seq
+
+    def add_disk(self, key: str, tokens: np.ndarray, path: Path) -> CacheEntry:
         """Register a state found on disk (its bytes are read when it is used)."""
         with self._lock:
-            entry = CacheEntry(key, tokens, size, None, path, pinned=True)
+            entry = CacheEntry(key, tokens, None, path, pinned=True)
             self._entries.setdefault(key, entry)
             return self._entries[key]
 
-    def _evict(self, newest: CacheEntry) -> None:
-        resident = [e for e in self._entries.values() if e.data is not None]
-        total = sum(e.size for e in resident)
-        for victim in sorted(resident, key=lambda e: (e.pinned, e.used)):
-            if total <= self.max_bytes and len(resident) <= self.max_entries:
-                break
-            if victim is newest:
-                continue
-            resident.remove(victim)
-            total -= victim.size
-            self._forget_data(victim)
-
-    def _forget_data(self, entry: CacheEntry) -> None:
-        entry.data = None
+    def _forget_seq(self, entry: CacheEntry) -> None:
+        entry.seq = None
         if entry.path is None:
             self._entries.pop(entry.key, None)
 
-    def load(self, entry: CacheEntry) -> bytearray | None:
-        """The bytes of an entry: from memory, or read and verified from disk (a bad file drops the entry)."""
-        if entry.data is not None:
-            return entry.data
+    def read(self, entry: CacheEntry) -> bytearray | None:
+        """The bytes of an entry's file, read and verified (a bad file drops the entry)."""
         data = None
         if self.store is not None and entry.path is not None:
             data = self.store.read(entry.path, entry.key, entry.tokens)
@@ -414,13 +427,13 @@ class PromptCache:
             self.discard(entry)
         return data
 
-    def persist(self, entry: CacheEntry) -> bool:
-        """Write an entry held in memory to disk (when there is a store); whether it is on disk now."""
-        if self.store is None or entry.data is None:
+    def persist(self, entry: CacheEntry, data: bytearray | None) -> bool:
+        """Write an entry's state to disk, once (when there is a store); whether it is on disk now."""
+        if self.store is None:
             return False
         if entry.path is None or not entry.path.is_file():
-            entry.path = self.store.write(entry.key, entry.tokens, entry.data)
-        elif entry.path is not None:
+            entry.path = self.store.write(entry.key, entry.tokens, data) if data else None
+        else:
             _touch(entry.path)
         return entry.path is not None
 
@@ -437,20 +450,20 @@ class PromptCache:
         """Register the valid state files of this model (newest first)."""
         if self.store is None:
             return []
-        return [self.add_disk(key, tokens, size, path) for path, key, tokens, size in self.store.scan()]
+        return [self.add_disk(key, tokens, path) for path, key, tokens, _n in self.store.scan()]
 
     def clear_memory(self) -> None:
-        """Drop every state held in memory (the model is unloaded); the disk entries stay."""
+        """Forget every sequence (the model is unloaded); the disk entries stay."""
         with self._lock:
             for entry in list(self._entries.values()):
-                self._forget_data(entry)
+                self._forget_seq(entry)
 
     def clear_disk(self) -> int:
         """Delete the state files and forget them."""
         with self._lock:
             for entry in list(self._entries.values()):
                 entry.path = None
-                if entry.data is None:
+                if entry.seq is None:
                     del self._entries[entry.key]
         return delete_cache_dir(self.store.directory) if self.store is not None else 0
 
@@ -461,10 +474,9 @@ class PromptCache:
         store = self.store
         files = store.files() if store is not None else []
         return {
-            "entries": sum(1 for e in entries if e.data is not None),
-            "bytes": sum(e.size for e in entries if e.data is not None),
-            "budget_bytes": self.max_bytes,
-            "max_entries": self.max_entries,
+            "entries": sum(1 for e in entries if e.seq is not None),
+            "tokens": sum(len(e.tokens) for e in entries if e.seq is not None),
+            "max_entries": self.slots,
             "disk_entries": len(files),
             "disk_bytes": sum(_size(p) for p in files),
             "disk_rejected": store.rejected if store is not None else 0,
@@ -473,4 +485,5 @@ class PromptCache:
             "saves": self.saves,
             "restores": self.restores,
             "disk_restores": self.disk_restores,
+            "evictions": self.evictions,
         }
