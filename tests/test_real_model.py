@@ -51,13 +51,21 @@ def smollm2(smollm2_source: Path) -> Path:
     return smollm2_qwen2_gguf(smollm2_source)
 
 
-def _entry(path: Path, assist: bool = False, **options: Any) -> MockConfigEntry:
+@pytest.fixture(scope="session")
+def smollm2_mmproj(smollm2: Path) -> Path:
+    """A tiny random mmproj (audio + vision) that projects into SmolLM2's 576-wide embeddings (cached)."""
+    from devtools.smollm2 import smollm2_mmproj as build
+
+    return build()
+
+
+def _entry(path: Path, assist: bool = False, mmproj: Path | None = None, **options: Any) -> MockConfigEntry:
     """A version-1 entry (all settings in its options): SARAi migrates it to its current layout at setup."""
     return MockConfigEntry(
         domain=DOMAIN,
         title="SARAi",
         unique_id=DOMAIN,
-        data={"gguf_model": str(path), "memory_budget_mb": 12000},
+        data={"gguf_model": str(path), "memory_budget_mb": 12000, **({"mmproj_model": str(mmproj)} if mmproj else {})},
         options={
             "context_size": 4096,
             "max_tokens": MAX_TOKENS,
@@ -344,9 +352,9 @@ async def test_reevaluation_after_reload(hass: HomeAssistant, smollm2: Path) -> 
 async def test_reevaluation_after_media_turn(hass: HomeAssistant, make_entry: Any, mmproj_path: str) -> None:
     """A text turn after a hearing (audio) turn on the same model.
 
-    No mmproj fits SmolLM2-135M (a text-only model, 576 wide; the Qwen2.5-Omni mmproj projects to
-    3584/2048 and expects the qwen2vl M-RoPE text model), so this case runs on the tiny random
-    qwen2vl GGUF + its mmproj instead: the measurement is about the KV cache, not the answers.
+    Runs on the tiny random qwen2vl GGUF + its mmproj: the measurement is about the KV cache, not the
+    answers. (On SmolLM2 with its tiny random mmproj a second of audio is 780 prompt positions, ~8 s
+    on 2 cores; the camera case below runs there.)
     """
     from homeassistant.components import stt
 
@@ -366,4 +374,61 @@ async def test_reevaluation_after_media_turn(hass: HomeAssistant, make_entry: An
     print(f"turn 2 shares {shared} tokens with turn 1's prompt; {turn2.evaluated} of {turn2.prompt} were evaluated")
     assert 0 < shared < turn2.prompt
     assert 0 < turn2.evaluated <= turn2.prompt
+    assert await hass.config_entries.async_unload(entry.entry_id)
+
+
+async def test_reevaluation_after_camera_analysis(
+    hass: HomeAssistant, smollm2: Path, smollm2_mmproj: Path, front_door: Any
+) -> None:
+    """A camera analysis between two turns of a conversation (Assist API on), on the real model: the next
+    turn evaluates only its new words, as it would without the analysis.
+
+    The analysis runs as Home Assistant runs it (``image_processing.scan`` of a camera analysis sub-entry:
+    a camera snapshot through libmtmd on the same model and context). SmolLM2 sees the image through a
+    tiny random mmproj fitted to its width (``devtools.smollm2.smollm2_mmproj``): what it says about the
+    picture is noise; the KV cache around it is what is measured.
+    """
+    from homeassistant.components import image_processing
+
+    from tests.common import add_camera_analysis
+
+    entry = _entry(smollm2, assist=True, mmproj=smollm2_mmproj)
+    entry.add_to_hass(hass)
+    add_camera_analysis(hass, entry, "Front door", "What is in the picture?")
+    assert await hass.config_entries.async_setup(entry.entry_id)
+    await hass.async_block_till_done()
+    backend = entry.runtime_data.engine.text
+    assert backend.can_see
+    probe = Probe(hass, entry)
+    first = await probe.ask("assist, turn 1", "What is the capital of France?")
+    turn1_status = backend.cache_status()
+
+    entity_id = "image_processing.front_door_analysis"
+    await hass.services.async_call(image_processing.DOMAIN, "scan", {"entity_id": entity_id}, blocking=True)
+    state = hass.states.get(entity_id)
+    assert state is not None and state.attributes["last_error"] is None, state
+    description = state.attributes["description"]
+    assert description is not None
+    media_evaluated = backend.last_evaluated_tokens  # the analysis's own prompt (text around the image + image)
+
+    second = await probe.ask("assist, turn 2 after a camera analysis", "And of Italy?", first.conversation_id)
+    assert second.conversation_id == first.conversation_id
+    status = backend.cache_status()
+    turn1, turn2 = probe.turns
+    new_words = turn2.prompt - turn1.prompt  # turn 1's answer, its end, the new user turn, the opener
+    print(
+        f"\ncamera analysis: {description!r} ({media_evaluated} prompt positions evaluated)"
+        f"\nturn 1: {turn1_status}\nturn 2: {status}"
+        f"\nturn 2 evaluated {backend.last_evaluated_tokens} of {turn2.prompt} tokens "
+        f"(reused {backend.last_reused_tokens}); it adds {new_words} tokens to turn 1's {turn1.prompt}"
+    )
+    assert turn1.evaluated == turn1.prompt  # nothing cached before turn 1
+    assert _common_prefix(turn1.tokens, turn2.tokens) == turn1.prompt  # turn 2's prompt starts with turn 1's
+    assert backend.last_evaluated_tokens + backend.last_reused_tokens == turn2.prompt
+    # The conversation's KV survived the analysis: all of turn 1's prompt is reused and only what is new
+    # is evaluated (plus a token or two where the answer does not tokenize back exactly).
+    assert backend.last_reused_tokens >= turn1.prompt
+    assert backend.last_evaluated_tokens <= new_words + 2
+    assert backend.last_evaluated_tokens < 0.1 * turn2.prompt
+    assert turn2.evaluated <= new_words + 2  # llama.cpp's own count agrees
     assert await hass.config_entries.async_unload(entry.entry_id)
