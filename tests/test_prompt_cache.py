@@ -420,7 +420,7 @@ def test_prompt_cache_slots_lru() -> None:
     cache.put("d", base, 1)
     cache.clear_memory()
     assert len(cache) == 0 and cache.resident() == []
-    assert cache.clear_disk() == 0 and not cache.persist(cache.add_disk("d", base, Path("/nonexistent")), None)
+    assert cache.clear_disk() == 0 and not cache.persist(cache.add_disk("d", base, Path("/nonexistent")), lambda: None)
     assert common_prefix(base, base) == 100 and common_prefix(base[:0], base) == 0
     assert prefix_key(base) == prefix_key(base.copy()) != prefix_key(base[:10])
 

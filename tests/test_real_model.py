@@ -326,8 +326,8 @@ async def test_reevaluation_interleaved_conversations(hass: HomeAssistant, smoll
     await probe.ask("A, turn 2 (after B)", "And of Italy?", a.conversation_id)
     await probe.ask("B, turn 2 (after A)", "And two animals?", b.conversation_id)
     _a1, b1, a2, b2 = probe.turns
-    # Today one KV cache serves every conversation: each turn after the other conversation keeps only
-    # the shared system prompt (instructions + Assist tools), which is most of the prompt here.
+    # Each conversation's prompt is kept in a sequence of its own (tests/test_prompt_cache.py counts the
+    # tokens); here every turn after the other conversation reuses at least the shared system prompt.
     for turn in (b1, a2, b2):
         assert turn.evaluated <= turn.prompt
         assert turn.prefix_prev > 0

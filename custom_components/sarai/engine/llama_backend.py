@@ -478,11 +478,8 @@ class LlamaBackend(Backend):
                 entry = self._cache.put(key, np.asarray(tokens, dtype=np.int32), seq, pinned=True)
             self._live_dirty = False
             self._cache.touch(entry)
-            if self._cache.store is not None and (entry.path is None or not entry.path.is_file()):
-                assert entry.seq is not None
-                self._cache.persist(entry, self._llm.get_state(entry.seq))
-            elif entry.path is not None:
-                self._cache.persist(entry, None)  # already on disk: marked as just used
+            llm, saved = self._llm, entry.seq
+            self._cache.persist(entry, lambda: llm.get_state(saved) if saved is not None else None)
         self.last_prefill_tokens = len(tokens)
         return len(tokens)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import ctypes
+import os
 import threading
 from typing import Any
 
@@ -69,7 +70,7 @@ class LlamaRuntime:
         self._model: Any = internals.LlamaModel(path_model=path, params=model_params, verbose=False)
         self.n_ctx = n_ctx
         self.n_batch = max(1, min(n_batch, n_ctx))
-        self.n_threads = n_threads or max(1, (_cpu_count() or 2) // 2)
+        self.n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = max(n_cells, n_ctx)
         params.n_batch = params.n_ubatch = self.n_batch
@@ -269,9 +270,3 @@ class LlamaRuntime:
 
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
         return int(np.argmax(logits))
-
-
-def _cpu_count() -> int | None:
-    import os
-
-    return os.cpu_count()

@@ -20,6 +20,7 @@ prefix is evaluated (and written) again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import contextlib
 from dataclasses import dataclass
 import hashlib
@@ -427,11 +428,13 @@ class PromptCache:
             self.discard(entry)
         return data
 
-    def persist(self, entry: CacheEntry, data: bytearray | None) -> bool:
-        """Write an entry's state to disk, once (when there is a store); whether it is on disk now."""
+    def persist(self, entry: CacheEntry, state: Callable[[], bytearray | None]) -> bool:
+        """Write an entry's state to disk, once (when there is a store): ``state()`` copies it out of llama.cpp
+        only when the file is missing; otherwise the file is marked as just used. Whether it is on disk now."""
         if self.store is None:
             return False
         if entry.path is None or not entry.path.is_file():
+            data = state()
             entry.path = self.store.write(entry.key, entry.tokens, data) if data else None
         else:
             _touch(entry.path)
